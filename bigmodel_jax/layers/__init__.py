@@ -1,0 +1,1 @@
+"""JAX layers: pure functions taking the reference's parameter trees, plus Flax linen modules."""

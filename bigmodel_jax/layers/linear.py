@@ -1,0 +1,44 @@
+"""Linear layer ``y = f(x W + b)``, kernel ``(In, Out)``, same tree as the reference."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bigmodel_jax.layers.activations import activation as _activation
+from reference_numpy.checks import check_array
+
+
+def linear(params: dict[str, Any], x: jax.Array, activation: str = "identity") -> jax.Array:
+    """x: (..., In) -> (..., Out)."""
+    w = params["kernel"]
+    check_array("x", x, kind="float")
+    if x.shape[-1] != w.shape[0]:
+        raise ValueError(f"x must have shape (..., {w.shape[0]}), got {tuple(x.shape)}")
+    z = jnp.einsum("...i,io->...o", x, w)
+    if "bias" in params:
+        z = z + params["bias"]
+    return _activation(activation)(z)
+
+
+class Linear(nn.Module):
+    """Flax twin of ``reference_numpy.layers.linear``; params ``{kernel: (In, Out), bias}``."""
+
+    features: int
+    use_bias: bool = True
+    activation: str = "identity"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        params = {
+            "kernel": self.param(
+                "kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), self.dtype
+            )
+        }
+        if self.use_bias:
+            params["bias"] = self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
+        return linear(params, x, self.activation)

@@ -1,0 +1,1 @@
+"""Reference layers: each a ``*_forward`` / ``*_backward`` pair of free functions."""
