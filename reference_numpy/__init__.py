@@ -4,7 +4,7 @@ Imports nothing but NumPy and the standard library. Every layer is a ``*_forward
 ``*_backward`` pair with a hand-written backward; see ``docs/DESIGN.md``.
 """
 
-from reference_numpy import checks, gradcheck, tolerances, tree
+from reference_numpy import checks, configs, gradcheck, optim, schedules, tolerances, tree
 
-__all__ = ["checks", "gradcheck", "tolerances", "tree"]
+__all__ = ["checks", "configs", "gradcheck", "optim", "schedules", "tolerances", "tree"]
 __version__ = "0.1.0"

@@ -11,7 +11,14 @@ import jax
 import numpy as np
 
 import bigmodel_jax.parity.cases  # noqa: F401  (registers every case)
-from bigmodel_jax.parity.harness import MATMUL_PRECISION, REGISTRY, compare, gradcheck_case
+from bigmodel_jax.parity.harness import (
+    MATMUL_PRECISION,
+    REGISTRY,
+    TRAJECTORIES,
+    adamw_trajectory,
+    compare,
+    gradcheck_case,
+)
 from reference_numpy.tolerances import GRADCHECK_REL
 
 
@@ -41,7 +48,7 @@ def run_report(
         raise RuntimeError("float64 parity needs jax_enable_x64 set before any JAX work")
     lines: list[ReportLine] = []
     names = sorted(REGISTRY) if not only else [n for n in sorted(REGISTRY) if n in only]
-    unknown = set(only or ()) - set(REGISTRY)
+    unknown = set(only or ()) - set(REGISTRY) - set(TRAJECTORIES)
     if unknown:
         raise ValueError(f"unknown case(s) {sorted(unknown)}; known: {sorted(REGISTRY)}")
     for name in names:
@@ -60,6 +67,18 @@ def run_report(
                 if worst is not None:
                     lines.append(ReportLine(name, label, "float64", f"finite-diff (worst: {worst.name})",
                                             worst.max_abs, worst.rel, GRADCHECK_REL, rep.ok))
+    for name in sorted(TRAJECTORIES):
+        if only and name not in only:
+            continue
+        for dtype in dtypes:
+            params, ref_lg, jax_lg = TRAJECTORIES[name].make(np.dtype(dtype))
+            rows = adamw_trajectory(params, ref_lg, jax_lg, dtype, steps=5)
+            for kind in ("loss at step", "params after"):
+                group = [r for r in rows if r.quantity.startswith(kind)]
+                worst = max(group, key=lambda r: r.rel)
+                label = "5 AdamW steps: " + ("worst loss" if kind == "loss at step" else "worst param")
+                lines.append(ReportLine(name, "trajectory", dtype, f"{label} ({worst.quantity.split(': ')[-1]})",
+                                        worst.max_abs, worst.rel, worst.tol.rel, all(r.passed for r in group)))
     return lines
 
 

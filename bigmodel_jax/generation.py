@@ -1,0 +1,277 @@
+"""Incremental decoding for the GPT / Llama decoder: a KV cache, sampling and beam search.
+
+Everything after the inputs are checked runs as one jit-compiled program: the prompt is
+``prefill``ed in one step (its keys and values written into the cache), then a
+``jax.lax.scan`` over the new tokens runs one ``decode_step`` each, so the loop never retraces
+per token. Shapes are static: the cache holds ``S = prompt length + max_new_tokens`` slots.
+
+Positions are slot indices (``arange``), exactly as in the full forward, so cached decoding
+equals a full recompute. A left-padded prompt is handled by the key mask (padded slots are never
+attended to), as in the full forward with ``attention_mask``.
+
+Cache layout, stacked like the layer parameters: ``{"k": (L, B, S, K, E), "v": (L, B, S, K, E)}``.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from bigmodel_jax.layers.activations import softmax
+from bigmodel_jax.layers.embeddings import attend, embed, position_embedding
+from bigmodel_jax.layers.mlp import gated_mlp, mlp
+from bigmodel_jax.layers.norms import layer_norm, rms_norm
+from bigmodel_jax.layers.rope import rope
+from reference_numpy.checks import check_array
+from reference_numpy.configs import GPTConfig
+from reference_numpy.layers.attention import key_bias_matters
+from reference_numpy.models.common import check_token_batch
+
+Tree = dict[str, Any]
+
+
+def init_cache(config: GPTConfig, batch: int, slots: int, dtype: Any) -> Tree:
+    """Zeroed cache with ``slots`` positions per sequence."""
+    shape = (config.n_layers, batch, slots, config.kv_heads, config.e)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def _proj(p: Tree, x: jax.Array, spec: str, use_bias: bool = True) -> jax.Array:
+    y = jnp.einsum(spec, x, p["kernel"])
+    return y + p["bias"] if use_bias and "bias" in p else y
+
+
+def decode_step(
+    params: Tree, cache: Tree, ids: jax.Array, pos: jax.Array, key_mask: jax.Array, config: GPTConfig
+) -> tuple[jax.Array, Tree]:
+    """Run tokens ids (B, N) at slots [pos, pos + N) against the cache.
+
+    key_mask: (B, S) bool, False for padded slots. Returns logits (B, N, V) and the cache with
+    the new keys/values written in.
+    """
+    B, N = ids.shape
+    S = cache["k"].shape[2]
+    slots = pos + jnp.arange(N)  # (N,)
+    x = embed(params["embed"], ids)  # (B, N, D)
+    if config.positions == "learned":
+        x = x + position_embedding(params["position"], slots)[None]
+    norm = layer_norm if config.norm == "layer" else rms_norm
+    rope_on = config.positions == "rope"
+    H, K, E = config.n_heads, config.kv_heads, config.e
+    G = H // K
+    # query i (slot pos + i) may see slot s iff s <= pos + i and the slot is not padding
+    allowed = (jnp.arange(S)[None, :] <= slots[:, None])[None] & key_mask[:, None, :]  # (B, N, S)
+    allowed = allowed[:, None, None]  # (B, 1, 1, N, S)
+
+    def layer(h: jax.Array, xs: tuple[Tree, jax.Array, jax.Array]):
+        p, k_cache, v_cache = xs
+        a = p["attn"]
+        n = norm(p["attn_norm"], h, config.norm_eps)
+        q = _proj(a["query"], n, "BND,DHE->BNHE")
+        k = _proj(a["key"], n, "BND,DKE->BNKE", key_bias_matters(config.rope_theta if rope_on else None))
+        v = _proj(a["value"], n, "BND,DKE->BNKE")
+        if rope_on:
+            q = rope(q, slots, theta=config.rope_theta)
+            k = rope(k, slots, theta=config.rope_theta)
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, pos, 0, 0))
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, pos, 0, 0))
+        logits = jnp.einsum("BNKGE,BSKE->BKGNS", q.reshape(B, N, K, G, E), k_cache) / math.sqrt(E)
+        probs = softmax(jnp.where(allowed, logits, jnp.finfo(logits.dtype).min), axis=-1)
+        probs = jnp.where(allowed, probs, 0.0)
+        o = jnp.einsum("BKGNS,BSKE->BNKGE", probs, v_cache).reshape(B, N, H, E)
+        y = jnp.einsum("BNHE,HED->BND", o, a["out"]["kernel"])
+        if "bias" in a["out"]:
+            y = y + a["out"]["bias"]
+        h = h + y
+        mlp_fn = gated_mlp if config.gated_mlp else mlp
+        h = h + mlp_fn(p["mlp"], norm(p["mlp_norm"], h, config.norm_eps), activation=config.activation)
+        return h, (k_cache, v_cache)
+
+    x, (k_new, v_new) = jax.lax.scan(layer, x, (params["layers"], cache["k"], cache["v"]))
+    h = norm(params["final_norm"], x, config.norm_eps)
+    if config.tie_embeddings:
+        logits = attend(params["embed"], h)
+    else:
+        logits = jnp.einsum("BND,DV->BNV", h, params["lm_head"]["kernel"])
+    return logits, {"k": k_new, "v": v_new}
+
+
+def filter_logits(logits: jax.Array, top_k: int | None, top_p: float | None) -> jax.Array:
+    """Set logits outside the top-k and outside the top-p nucleus to -inf. logits: (B, V)."""
+    neg = jnp.asarray(-jnp.inf, logits.dtype)
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, neg, logits)
+    if top_p is not None:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # keep a token if the mass strictly before it is < p (so the top token always stays)
+        before = jnp.cumsum(probs, axis=-1) - probs
+        keep_sorted = before < top_p
+        keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+        logits = jnp.where(keep, logits, neg)
+    return logits
+
+
+def _check_generate_args(config: GPTConfig, input_ids: Any, attention_mask: Any, max_new_tokens: int,
+                         temperature: float, top_k: int | None, top_p: float | None) -> None:
+    check_token_batch({"input_ids": input_ids, "attention_mask": attention_mask}, "input_ids",
+                      config.vocab_size, config.max_len)
+    total = input_ids.shape[1] + max_new_tokens
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if total > config.max_len:
+        raise ValueError(f"prompt + max_new_tokens = {total} is longer than the model supports "
+                         f"(max_len={config.max_len})")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and not 1 <= top_k <= config.vocab_size:
+        raise ValueError(f"top_k must be in [1, {config.vocab_size}], got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def generate(
+    params: Tree,
+    input_ids: Any,
+    config: GPTConfig,
+    *,
+    max_new_tokens: int,
+    attention_mask: Any = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    key: jax.Array | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int = 0,
+) -> jax.Array:
+    """Continue each prompt by ``max_new_tokens`` tokens -> (B, T0 + max_new_tokens) ids.
+
+    ``temperature=0`` is greedy (argmax); otherwise sample from softmax(logits / temperature)
+    restricted to the ``top_k`` tokens and the ``top_p`` nucleus, with ``key`` (required),
+    folding in the step index so every step draws fresh randomness. After ``eos_token_id`` a
+    sequence emits ``pad_token_id``.
+    """
+    input_ids = jnp.asarray(input_ids)
+    _check_generate_args(config, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p)
+    if temperature > 0 and key is None:
+        raise ValueError("sampling (temperature > 0) needs an explicit PRNG key: key=jax.random.key(seed)")
+    mask = jnp.ones(input_ids.shape, bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+    key = jax.random.key(0) if key is None else key
+    return _generate(params, input_ids, mask, key, config, max_new_tokens, float(temperature), top_k,
+                     top_p, eos_token_id, pad_token_id)
+
+
+@partial(jax.jit, static_argnums=(4, 5, 6, 7, 8, 9, 10))
+def _generate(params, input_ids, mask, key, config, max_new_tokens, temperature, top_k, top_p,
+              eos_token_id, pad_token_id):
+    B, T0 = input_ids.shape
+    S = T0 + max_new_tokens
+    dtype = params["embed"]["embedding"].dtype
+    key_mask = jnp.concatenate([mask, jnp.ones((B, max_new_tokens), bool)], axis=1)
+    cache = init_cache(config, B, S, dtype)
+    logits, cache = decode_step(params, cache, input_ids, jnp.asarray(0), key_mask, config)
+
+    def choose(last_logits: jax.Array, step: jax.Array) -> jax.Array:
+        if temperature == 0:
+            return jnp.argmax(last_logits, axis=-1)
+        z = filter_logits(last_logits / temperature, top_k, top_p)
+        return jax.random.categorical(jax.random.fold_in(key, step), z, axis=-1)
+
+    def body(carry, step):
+        last_logits, cache, done = carry
+        tok = choose(last_logits, step)
+        tok = jnp.where(done, pad_token_id, tok)
+        if eos_token_id is not None:
+            done = done | (tok == eos_token_id)
+        logits, cache = decode_step(params, cache, tok[:, None], T0 + step, key_mask, config)
+        return (logits[:, -1], cache, done), tok
+
+    done = jnp.zeros((B,), bool)
+    # The last step's forward is not needed for its logits; running it keeps the loop uniform.
+    _, new = jax.lax.scan(body, (logits[:, -1], cache, done), jnp.arange(max_new_tokens))
+    return jnp.concatenate([input_ids, new.T.astype(input_ids.dtype)], axis=1)
+
+
+def beam_search(
+    params: Tree,
+    input_ids: Any,
+    config: GPTConfig,
+    *,
+    max_new_tokens: int,
+    num_beams: int = 4,
+    length_penalty: float = 1.0,
+    eos_token_id: int | None = None,
+    pad_token_id: int = 0,
+) -> jax.Array:
+    """Beam search -> the best continuation per prompt, (B, T0 + max_new_tokens) ids.
+
+    Each of ``num_beams`` beams keeps its summed log-probability; every step expands all beams
+    by every token and keeps the best ``num_beams`` of the ``num_beams * V`` candidates. A beam
+    that emitted ``eos_token_id`` is finished: it continues only with ``pad_token_id`` at no
+    cost. The winner maximises ``score / length ** length_penalty``, length counting generated
+    tokens up to and including EOS. Same algorithm as ``reference_numpy.generation``.
+    """
+    input_ids = jnp.asarray(input_ids)
+    _check_generate_args(config, input_ids, None, max_new_tokens, 0.0, None, None)
+    if num_beams < 1 or num_beams > config.vocab_size:
+        raise ValueError(f"num_beams must be in [1, {config.vocab_size}], got {num_beams}")
+    return _beam_search(params, input_ids, config, max_new_tokens, num_beams, float(length_penalty),
+                        eos_token_id, pad_token_id)
+
+
+@partial(jax.jit, static_argnums=(2, 3, 4, 5, 6, 7))
+def _beam_search(params, input_ids, config, max_new_tokens, W, length_penalty, eos_token_id, pad_token_id):
+    B, T0 = input_ids.shape
+    S = T0 + max_new_tokens
+    V = config.vocab_size
+    dtype = params["embed"]["embedding"].dtype
+    ids = jnp.repeat(input_ids, W, axis=0)  # (B*W, T0), beam-major within each prompt
+    key_mask = jnp.ones((B * W, S), bool)
+    cache = init_cache(config, B * W, S, dtype)
+    logits, cache = decode_step(params, cache, ids, jnp.asarray(0), key_mask, config)
+    # Only beam 0 is live at the start, so the first expansion does not pick W copies.
+    scores = jnp.where(jnp.arange(W)[None, :] == 0, 0.0, -jnp.inf).astype(jnp.float32)
+    scores = jnp.broadcast_to(scores, (B, W))
+    finished = jnp.zeros((B, W), bool)
+    lengths = jnp.zeros((B, W), jnp.int32)
+    tokens = jnp.full((B, W, max_new_tokens), pad_token_id, input_ids.dtype)
+
+    def body(carry, step):
+        last_logits, cache, scores, finished, lengths, tokens = carry
+        logp = jax.nn.log_softmax(last_logits.astype(jnp.float32), axis=-1).reshape(B, W, V)
+        # a finished beam may only continue with pad, at zero cost
+        pad_row = jnp.full((V,), -jnp.inf).at[pad_token_id].set(0.0)
+        logp = jnp.where(finished[..., None], pad_row, logp)
+        cand = (scores[..., None] + logp).reshape(B, W * V)
+        scores, flat = jax.lax.top_k(cand, W)  # (B, W)
+        beam, tok = flat // V, flat % V
+        gather = lambda a: jnp.take_along_axis(a, beam.reshape(B, W, *([1] * (a.ndim - 2))), axis=1)  # noqa: E731
+        was_finished = gather(finished)
+        tokens = gather(tokens).at[:, :, step].set(tok.astype(tokens.dtype))
+        lengths = gather(lengths) + (~was_finished).astype(jnp.int32)
+        finished = was_finished
+        if eos_token_id is not None:
+            finished = finished | (tok == eos_token_id)
+        rows = (jnp.arange(B)[:, None] * W + beam).reshape(-1)  # source beam of each new beam
+        cache = {n: c[:, rows] for n, c in cache.items()}
+        logits, cache = decode_step(params, cache, tok.reshape(B * W, 1).astype(ids.dtype), T0 + step,
+                                    key_mask, config)
+        return (logits[:, -1], cache, scores, finished, lengths, tokens), None
+
+    carry = (logits[:, -1], cache, scores, finished, lengths, tokens)
+    (_, _, scores, finished, lengths, tokens), _ = jax.lax.scan(body, carry, jnp.arange(max_new_tokens))
+    final = scores / jnp.maximum(lengths, 1).astype(jnp.float32) ** length_penalty
+    best = jnp.argmax(final, axis=1)  # (B,)
+    out = jnp.take_along_axis(tokens, best[:, None, None], axis=1)[:, 0]
+    return jnp.concatenate([input_ids, out], axis=1)
+
+
+def check_prompt(name: str, ids: Any) -> None:
+    """Prompts are (B, T0) integer arrays."""
+    check_array(name, ids, ("B", "T"), kind="int")

@@ -1,0 +1,48 @@
+"""Initialisation and batch handling shared by the JAX model families."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from reference_numpy.configs import Config, param_shapes
+from reference_numpy.models.common import init_rule
+from reference_numpy.tree import Tree, tree_leaves_with_path, tree_map, tree_set
+
+
+def init(config: Config, seed: int = 0) -> Tree:
+    """A fresh parameter tree for ``config`` (same keys, shapes and rules as the reference).
+
+    One key per leaf, ``fold_in(key(seed), leaf index in sorted-path order)``, so adding a
+    leaf elsewhere does not change the others' values.
+    """
+    shapes = param_shapes(config)
+    dtype = jnp.dtype(config.dtype)
+    root = jax.random.key(seed)
+    out = tree_map(lambda s: None, shapes)
+    for i, (path, shape) in enumerate(tree_leaves_with_path(shapes)):
+        kind, std = init_rule(path, config.n_layers)
+        if kind == "ones":
+            val = jnp.ones(shape, dtype)
+        elif kind == "zeros":
+            val = jnp.zeros(shape, dtype)
+        else:
+            val = std * jax.random.normal(jax.random.fold_in(root, i), shape, dtype)
+        tree_set(out, path, val)
+    return out
+
+
+def concrete(x: Any) -> bool:
+    """True for arrays whose values are known (not tracers), so value checks can run."""
+    return not isinstance(x, jax.core.Tracer)
+
+
+def as_bool_mask(mask: Any) -> jax.Array | None:
+    return None if mask is None else jnp.asarray(mask).astype(bool)
+
+
+def tree_size(tree: Tree) -> int:
+    return int(sum(np.size(x) for _, x in tree_leaves_with_path(tree)))

@@ -1,0 +1,149 @@
+"""Vision Transformer in JAX; the twin of ``reference_numpy.models.vit`` (see its docstring for
+the equations and the exact patch order, which matches HF's stride-p ``Conv2d``).
+
+Dims: B batch, C channels, N patches, P = C p p, D model width, L layers; in the einops string
+h / w count patch rows / columns and p / q index a pixel inside its patch.
+
+Layers are stacked on a leading L axis and run with ``jax.lax.scan``, so compile time does not
+grow with depth. ``ViT`` is a Flax linen module whose ``init`` gives exactly the reference tree.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import flax.linen as nn
+from flax.core import unfreeze
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+
+from bigmodel_jax.layers.block import block
+from bigmodel_jax.layers.embeddings import position_embedding
+from bigmodel_jax.layers.linear import linear
+from bigmodel_jax.layers.norms import layer_norm
+from bigmodel_jax.losses import cross_entropy
+from bigmodel_jax.models.common import init as _init
+from reference_numpy.configs import ViTConfig, param_shapes
+from reference_numpy.models.common import init_rule
+from reference_numpy.models.vit import block_spec, check_labels, check_pixels
+from reference_numpy.tree import tree_leaves_with_path, tree_map, tree_set
+
+Tree = dict[str, Any]
+
+
+def init(config: ViTConfig, seed: int = 0) -> Tree:
+    """Fresh parameters for ``config`` (every leaf in ``config.dtype``).
+
+    The cast works around ``models.common.init`` returning float64 ``attn/out`` and ``mlp/down``
+    kernels for a float32 config when x64 is on (its std is a NumPy float64 scalar, which JAX
+    does not treat as weakly typed); it changes no value.
+    """
+    dtype = jnp.dtype(config.dtype)
+    return tree_map(lambda a: a.astype(dtype), _init(config, seed))
+
+
+def patchify(pixel_values: jax.Array, patch_size: int) -> jax.Array:
+    """(B, C, h p, w p) -> (B, h w, C p p), patch-row-major, (channel, row, column) inside a patch."""
+    return rearrange(pixel_values, "B C (h p) (w q) -> B (h w) (C p q)", p=patch_size, q=patch_size)
+
+
+def patch_embed(params: Tree, pixel_values: jax.Array, patch_size: int) -> jax.Array:
+    """pixel_values (B, C, H, W) -> patch tokens (B, N, D); params {kernel: (C p p, D), bias: (D,)}."""
+    return linear(params, patchify(pixel_values, patch_size))
+
+
+def hidden_states(params: Tree, batch: dict[str, Any], config: ViTConfig) -> jax.Array:
+    """pixel_values (B, C, H, W) -> final-norm hidden states (B, N + 1, D); token 0 is the class token."""
+    px = check_pixels(batch, config, params["patch_embed"]["kernel"].dtype)
+    B = px.shape[0]
+    tokens = patch_embed(params["patch_embed"], px, config.patch_size)  # (B, N, D)
+    cls = jnp.broadcast_to(params["cls_token"], (B, 1, config.d_model))
+    x = jnp.concatenate([cls, tokens], axis=1)  # (B, N + 1, D)
+    x = x + position_embedding(params["position"], jnp.arange(config.max_len))[None]
+    spec = block_spec(config)
+
+    def layer(h: jax.Array, p: Tree) -> tuple[jax.Array, None]:
+        return block(p, h, spec), None
+
+    x, _ = jax.lax.scan(layer, x, params["layers"])
+    return layer_norm(params["final_norm"], x, config.norm_eps)
+
+
+def forward(params: Tree, batch: dict[str, Any], config: ViTConfig) -> jax.Array:
+    """Class logits (B, num_labels) from the class token."""
+    h = hidden_states(params, batch, config)
+    return linear(params["head"], h[:, 0])
+
+
+# forward compiled once per (config, shapes, dtypes): the parity case and tests differentiate this
+# (eager op-by-op forward under jax.vjp compiles every primitive and the scan separately).
+jit_forward = jax.jit(forward, static_argnames="config")
+
+
+def loss(params: Tree, batch: dict[str, Any], config: ViTConfig) -> jax.Array:
+    """Mean cross-entropy of the class logits against ``labels`` (B,) in [0, num_labels)."""
+    return cross_entropy(forward(params, batch, config), batch["labels"])
+
+
+@partial(jax.jit, static_argnames="config")
+def _loss_and_grad(params: Tree, batch: dict[str, Any], config: ViTConfig) -> tuple[jax.Array, Tree]:
+    return jax.value_and_grad(loss)(params, batch, config)
+
+
+def loss_and_grad(params: Tree, batch: dict[str, Any], config: ViTConfig) -> tuple[jax.Array, Tree]:
+    """(loss, grads) by ``jax.grad``, jit-compiled with ``config`` static; batch checked before
+    tracing (so out-of-range labels raise instead of silently producing NaN)."""
+    px = check_pixels(batch, config, params["patch_embed"]["kernel"].dtype)
+    check_labels(batch, config, px.shape[0])
+    return _loss_and_grad(params, {"pixel_values": px, "labels": batch["labels"]}, config)
+
+
+def _subtree_init(config: ViTConfig, name: str, shapes: Any):
+    """Flax initializer for the top-level entry ``name``: its whole subtree by ``init_rule``,
+    one ``fold_in`` key per leaf (sorted-path order)."""
+    dtype = jnp.dtype(config.dtype)
+
+    def leaf(key: jax.Array, path: str, shape: tuple[int, ...]) -> jax.Array:
+        kind, std = init_rule(path, config.n_layers)
+        if kind == "ones":
+            return jnp.ones(shape, dtype)
+        if kind == "zeros":
+            return jnp.zeros(shape, dtype)
+        return (std * jax.random.normal(key, shape, dtype)).astype(dtype)  # std: a NumPy float64
+
+    def init_fn(key: jax.Array) -> Any:
+        if not isinstance(shapes, dict):
+            return leaf(key, name, shapes)
+        out = tree_map(lambda s: None, shapes)
+        for i, (path, shape) in enumerate(tree_leaves_with_path(shapes)):
+            tree_set(out, path, leaf(jax.random.fold_in(key, i), f"{name}/{path}", shape))
+        return out
+
+    return init_fn
+
+
+class ViT(nn.Module):
+    """Flax linen ViT whose ``variables["params"]`` is exactly the reference tree
+    (``param_shapes(config)``, ``init_rule`` initialisation); ``apply`` calls ``forward``.
+
+    Each top-level entry (``patch_embed``, ``cls_token``, ``position``, ``layers`` (L-stacked),
+    ``final_norm``, ``head``) is one ``self.param`` holding its subtree, so the tree nests with no
+    renaming. ``model.init(key, method=ViT.params)`` builds the parameters without running a
+    forward pass; ``model.init(key, pixel_values)`` works as usual.
+    """
+
+    config: ViTConfig
+
+    def setup(self) -> None:
+        self._tree = {name: self.param(name, _subtree_init(self.config, name, shapes))
+                      for name, shapes in param_shapes(self.config).items()}
+
+    def params(self) -> Tree:
+        """The parameter tree (for ``init(..., method=ViT.params)``)."""
+        return unfreeze(self._tree)  # setup freezes dict attributes; the layers expect plain dicts
+
+    def __call__(self, pixel_values: jax.Array) -> jax.Array:
+        """pixel_values (B, C, H, W) -> class logits (B, num_labels)."""
+        return forward(self.params(), {"pixel_values": pixel_values}, self.config)

@@ -1,0 +1,62 @@
+"""ViT: logits, every gradient leaf and d pixel_values of the reference vs JAX.
+
+The cotangent is a random ``dlogits`` (B, num_labels); it reaches the patch tokens only through
+attention, so it exercises every path: head, final norm, each block, positions, class token,
+the patch embedding and its fold back to pixels (``pixel_values`` is a differentiable input).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from bigmodel_jax.parity.harness import CaseData, register
+from reference_numpy import configs
+from reference_numpy.tolerances import MODEL_PARITY
+from reference_numpy.tree import tree_leaves_with_path, tree_set
+
+
+def perturb_vit_params(params: dict, rng: np.random.Generator) -> dict:
+    """Move every norm scale / bias, every projection bias and the class token away from their
+    1 / 0 init, so a mix-up between them (or a dropped gradient) cannot hide; and scale the
+    query / key kernels up 10x (std 0.02 -> 0.2), so attention is far from uniform and the
+    query / key gradients stand well above the finite-difference noise floor."""
+    for path, leaf in list(tree_leaves_with_path(params)):
+        if path.endswith(("/scale", "/bias")) or path == "cls_token":
+            tree_set(params, path, (leaf + 0.1 * rng.standard_normal(leaf.shape)).astype(leaf.dtype))
+        elif path.endswith(("attn/query/kernel", "attn/key/kernel")):
+            tree_set(params, path, (10 * leaf).astype(leaf.dtype))
+    return params
+
+
+def image_batch(rng: np.random.Generator, config: Any, batch: int, dtype: Any) -> np.ndarray:
+    """Random pixel_values (B, C, H, W), roughly the scale of normalised images."""
+    shape = (batch, config.n_channels, config.image_size, config.image_size)
+    return rng.standard_normal(shape).astype(dtype)
+
+
+@register("vit", ({"preset": "vit-tiny", "n_layers": 1}, {"preset": "vit-tiny", "n_layers": 2}))
+def vit_case(
+    rng: np.random.Generator, dtype: Any, preset: str = "vit-tiny", *, batch: int = 2, **overrides: Any,
+) -> CaseData:
+    from bigmodel_jax.models import vit as jvit
+    from reference_numpy.models import vit as rvit
+
+    config = dataclasses.replace(configs.preset(preset, **overrides), dtype=np.dtype(dtype).name, dropout=0.0)
+    params = perturb_vit_params(rvit.init(config, rng), rng)
+    pixels = image_batch(rng, config, batch, dtype)
+
+    def ref_backward(p, cache, dy):
+        grads, dpixels = rvit.backward(p, cache, dy, config, return_pixel_grad=True)
+        return {"pixel_values": dpixels}, grads
+
+    return CaseData(
+        params=params,
+        inputs={"pixel_values": pixels},
+        ref_forward=lambda p, i: rvit.forward_with_cache(p, {"pixel_values": i["pixel_values"]}, config),
+        ref_backward=ref_backward,
+        jax_forward=lambda p, i: jvit.jit_forward(p, {"pixel_values": i["pixel_values"]}, config),
+        tolerances=MODEL_PARITY,
+    )
