@@ -17,7 +17,7 @@ demo: $(VENV)/.installed
 
 ## test: the whole test suite
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -n 2
 
 check: demo
 

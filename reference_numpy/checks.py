@@ -14,8 +14,9 @@ import numpy as np
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
-def _is_tracer(x: Any) -> bool:
-    # A jax tracer has no concrete value; avoid importing jax here.
+def is_tracer(x: Any) -> bool:
+    """True for a JAX tracer (no concrete value under jit); checked by type name so this module
+    needs no jax import."""
     return "Tracer" in type(x).__name__
 
 
@@ -68,7 +69,7 @@ def check_array(
 def check_ids(name: str, ids: Any, vocab_size: int, shape: Sequence[int | str | None] | None = None) -> None:
     """Token ids: an integer array with every value in ``[0, vocab_size)``."""
     check_array(name, ids, shape, kind="int")
-    if _is_tracer(ids) or np.size(ids) == 0:
+    if is_tracer(ids) or np.size(ids) == 0:
         return
     a = np.asarray(ids)
     lo, hi = int(a.min()), int(a.max())

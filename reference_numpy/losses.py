@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from reference_numpy.checks import _is_tracer, check_array, check_same_dtype, shape_str
+from reference_numpy.checks import is_tracer, check_array, check_same_dtype, shape_str
 from reference_numpy.layers.activations import sigmoid
 
 
@@ -42,7 +42,7 @@ def check_cross_entropy_args(logits: Any, labels: Any, ignore_index: int, label_
         )
     if not (np.isscalar(label_smoothing) and 0.0 <= label_smoothing <= 1.0):
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
-    if _is_tracer(labels) or np.size(labels) == 0:
+    if is_tracer(labels) or np.size(labels) == 0:
         return
     V = logits.shape[-1]
     lab = np.asarray(labels)
@@ -110,7 +110,7 @@ def check_bce_args(logits: Any, targets: Any) -> None:
     check_array("logits", logits, kind="float")
     check_array("targets", targets, tuple(logits.shape), kind="float")
     check_same_dtype(logits=logits, targets=targets)
-    if _is_tracer(targets) or np.size(targets) == 0:
+    if is_tracer(targets) or np.size(targets) == 0:
         return
     t = np.asarray(targets)
     if t.min() < 0 or t.max() > 1:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from reference_numpy.checks import _is_tracer, check_array, check_ids, check_same_dtype
+from reference_numpy.checks import is_tracer, check_array, check_ids, check_same_dtype
 
 Params = dict[str, np.ndarray]
 
@@ -97,7 +97,7 @@ def check_positions(positions: Any, max_len: int) -> None:
     Value checks are skipped for a JAX tracer (no value at trace time; see the JAX module).
     """
     check_array("positions", positions, ndim=(1, 2), kind="int")
-    if _is_tracer(positions) or np.size(positions) == 0:
+    if is_tracer(positions) or np.size(positions) == 0:
         return
     p = np.asarray(positions)
     if p.min() < 0:

@@ -1,0 +1,134 @@
+"""Encoder-decoder Transformer (Vaswani et al. 2017) in JAX; the twin of
+``reference_numpy.models.seq2seq`` (see there for the equations and conventions: sinusoidal
+positions in the paper's interleaved layout, sqrt(D) embedding scale, labels aligned with
+``decoder_input_ids`` with no shift inside).
+
+Dims: B batch, S source time, T target time, D model width, V vocabulary.
+
+Both layer stacks are stacked on a leading L axis and run with ``jax.lax.scan``, so compile
+time does not grow with depth. ``loss_and_grad`` is jit-compiled with the config static; the
+batch is checked (ids in range, lengths, mask shapes) before tracing, since a traced id has no
+value to check.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from bigmodel_jax.layers.block import block
+from bigmodel_jax.layers.embeddings import attend, embed, sinusoidal_positions
+from bigmodel_jax.layers.norms import layer_norm
+from bigmodel_jax.losses import cross_entropy
+from bigmodel_jax.models.common import as_bool_mask, concrete
+from bigmodel_jax.models.common import init as _init
+from reference_numpy.checks import check_array
+from reference_numpy.configs import Seq2SeqConfig
+from reference_numpy.models.common import require_keys
+from reference_numpy.models.seq2seq import (
+    POSITION_LAYOUT,
+    check_encoder_output,
+    check_labels,
+    check_source,
+    check_target,
+    decoder_spec,
+    embed_scale,
+    encoder_spec,
+)
+
+Tree = dict[str, Any]
+
+
+def init(config: Seq2SeqConfig, seed: int = 0) -> Tree:
+    """Fresh parameters for ``config`` (the reference's tree and init rules, JAX random stream)."""
+    return _init(config, seed)
+
+
+def _embed(table: Tree, ids: jax.Array, config: Seq2SeqConfig) -> jax.Array:
+    """ids (B, N) -> E[ids] * scale + PE[n]: (B, N, D)."""
+    x = embed(table, ids) * embed_scale(config)  # (B, N, D)
+    pe = sinusoidal_positions(jnp.arange(ids.shape[1]), config.d_model, x.dtype, layout=POSITION_LAYOUT)
+    return x + pe[None]
+
+
+def encode(params: Tree, batch: dict[str, Any], config: Seq2SeqConfig) -> jax.Array:
+    """input_ids (B, S) [, attention_mask (B, S)] -> encoder output (B, S, D)."""
+    require_keys(batch, ["input_ids"], "seq2seq")
+    ids = batch["input_ids"]
+    if concrete(ids):
+        check_source(batch, config)
+    check_array("input_ids", ids, ("B", "S"), kind="int")
+    mask = as_bool_mask(batch.get("attention_mask"))
+    x = _embed(params["embed"], ids, config)
+    spec = encoder_spec(config)
+
+    def layer(h: jax.Array, p: Tree) -> tuple[jax.Array, None]:
+        return block(p, h, spec, key_padding_mask=mask), None
+
+    x, _ = jax.lax.scan(layer, x, params["encoder"]["layers"])
+    if config.prenorm:
+        x = layer_norm(params["encoder"]["final_norm"], x, config.norm_eps)
+    return x
+
+
+def decode(params: Tree, enc: jax.Array, batch: dict[str, Any], config: Seq2SeqConfig) -> jax.Array:
+    """enc (B, S, D), decoder_input_ids (B, T) [, attention_mask (B, S) of the source,
+    decoder_attention_mask (B, T)] -> logits (B, T, V)."""
+    require_keys(batch, ["decoder_input_ids"], "seq2seq")
+    ids = batch["decoder_input_ids"]
+    if concrete(ids):
+        check_target(batch, config)
+    check_array("decoder_input_ids", ids, ("B", "T"), kind="int")
+    check_encoder_output(enc, batch, config, ids.shape[0])
+    src_mask = as_bool_mask(batch.get("attention_mask"))
+    dec_mask = as_bool_mask(batch.get("decoder_attention_mask"))
+    table = params["embed"] if config.share_embeddings else params["target_embed"]
+    y = _embed(table, ids, config)  # (B, T, D)
+    spec = decoder_spec(config)
+
+    def layer(h: jax.Array, p: Tree) -> tuple[jax.Array, None]:
+        return block(p, h, spec, enc=enc, key_padding_mask=dec_mask, enc_padding_mask=src_mask), None
+
+    y, _ = jax.lax.scan(layer, y, params["decoder"]["layers"])
+    if config.prenorm:
+        y = layer_norm(params["decoder"]["final_norm"], y, config.norm_eps)
+    if config.share_embeddings:
+        return attend(params["embed"], y)
+    return jnp.einsum("BTD,DV->BTV", y, params["lm_head"]["kernel"])
+
+
+def _check_batch(batch: dict[str, Any], config: Seq2SeqConfig) -> None:
+    """Source and target present, consistent, and (when concrete) in range."""
+    require_keys(batch, ["input_ids", "decoder_input_ids"], "seq2seq")
+    src, tgt = batch["input_ids"], batch["decoder_input_ids"]
+    if concrete(src) and concrete(tgt):
+        ids, _ = check_source(batch, config)
+        check_target(batch, config, ids.shape[0])
+
+
+def forward(params: Tree, batch: dict[str, Any], config: Seq2SeqConfig) -> jax.Array:
+    """Logits (B, T, V): position t's distribution over the token at ``labels[:, t]``."""
+    _check_batch(batch, config)
+    return decode(params, encode(params, batch, config), batch, config)
+
+
+def loss(params: Tree, batch: dict[str, Any], config: Seq2SeqConfig) -> jax.Array:
+    """Mean label-smoothed cross-entropy of ``logits[:, t]`` against ``labels[:, t]`` (no shift,
+    as HF's seq2seq models); label -100 is ignored."""
+    logits = forward(params, batch, config)
+    return cross_entropy(logits, batch["labels"], label_smoothing=config.label_smoothing)
+
+
+@partial(jax.jit, static_argnames="config")
+def _loss_and_grad(params: Tree, batch: dict[str, Any], config: Seq2SeqConfig) -> tuple[jax.Array, Tree]:
+    return jax.value_and_grad(loss)(params, batch, config)
+
+
+def loss_and_grad(params: Tree, batch: dict[str, Any], config: Seq2SeqConfig) -> tuple[jax.Array, Tree]:
+    """(loss, grads) by ``jax.grad``, jit-compiled; batch checked before tracing."""
+    _check_batch(batch, config)
+    check_labels(batch, config)
+    return _loss_and_grad(params, batch, config)

@@ -1,0 +1,291 @@
+"""Encoder-decoder Transformer (Vaswani et al. 2017): forward and the hand-written backward.
+
+Dims: B batch, S source time, T target time, D model width, V vocabulary.
+
+    source   x   = E[input_ids] * sqrt(D) + PE[s]                              (B, S, D)
+             x   = enc_block_l(x; keys padded by attention_mask)   l = 1..L_enc
+             enc = norm_enc(x) if prenorm else x                               (B, S, D)
+    target   y   = E_tgt[decoder_input_ids] * sqrt(D) + PE[t]                  (B, T, D)
+             y   = dec_block_l(y, enc; causal, keys padded by decoder_attention_mask,
+                                 encoder keys padded by attention_mask)   l = 1..L_dec
+             h   = norm_dec(y) if prenorm else y
+    logits       = h E_tgt^T (share_embeddings) or h W_lm                      (B, T, V)
+    loss         = CE(logits, labels; label smoothing config.label_smoothing, -100 ignored)
+
+* ``E_tgt`` is ``embed`` itself when ``share_embeddings`` (one matrix for source, target and the
+  pre-softmax weights, section 3.4 of the paper), else ``target_embed``, with its own ``lm_head``.
+* ``sqrt(D)`` only when ``scale_embeddings``. ``PE`` is the paper's fixed sinusoidal table in its
+  own channel layout, ``PE[t, 2i] = sin(t w_i)``, ``PE[t, 2i + 1] = cos(t w_i)``,
+  ``w_i = 10000^(-2i/D)`` (``sinusoidal_positions(..., layout="interleaved")``; HF Marian uses the
+  "concat" layout instead, so porting Marian weights would need that switch). It has no
+  parameters and no gradient.
+* Blocks are ``layers.block`` with ``BlockSpec(prenorm=config.prenorm, norm="layer")``: post-norm
+  (the paper) or pre-norm, which then needs the ``final_norm`` of each stack.
+* ``labels`` are aligned with ``decoder_input_ids``: ``logits[:, t]`` is scored against
+  ``labels[:, t]``, with no shift inside (as HF's seq2seq models). The caller builds
+  ``decoder_input_ids`` by shifting the labels right behind a start token.
+* Evaluation forward: dropout is not applied (``config.dropout`` is a training setting).
+* Initialisation: ``models.common.init_rule``, identical rules on both sides: norm scales 1,
+  biases 0, other leaves N(0, 0.02), and the residual-writing projections (``attn/out``,
+  ``cross_attn/out``, ``mlp/down``) N(0, 0.02 / sqrt(2 L)) with L = ``config.n_layers`` (the
+  encoder depth) in both stacks. The paper does not state its init; this is GPT-2's.
+
+Backward: the encoder output feeds the cross-attention of every decoder layer, so its gradient
+is the sum of each decoder block's ``d_enc``; it then runs back through the encoder. With shared
+embeddings the one matrix collects three gradients: source lookup, target lookup, output head.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from reference_numpy.checks import check_array
+from reference_numpy.configs import Seq2SeqConfig, param_shapes
+from reference_numpy.layers.block import BlockSpec, block_backward, block_forward
+from reference_numpy.layers.embeddings import (
+    embedding_attend,
+    embedding_attend_backward,
+    embedding_backward,
+    embedding_forward,
+    sinusoidal_positions,
+)
+from reference_numpy.layers.norms import layer_norm_backward, layer_norm_forward
+from reference_numpy.losses import cross_entropy_backward, cross_entropy_forward
+from reference_numpy.models.common import check_token_batch, init_params, layer, require_keys, stack
+from reference_numpy.tree import Tree, tree_add
+
+POSITION_LAYOUT = "interleaved"  # the paper's sin-on-even / cos-on-odd channels
+
+
+# --------------------------------------------------------------------------------------------
+# shared with the JAX model: block specs, batch checks
+
+
+def encoder_spec(config: Seq2SeqConfig) -> BlockSpec:
+    """The encoder block: bidirectional self-attention + MLP."""
+    return BlockSpec(prenorm=config.prenorm, norm="layer", norm_eps=config.norm_eps,
+                     activation=config.activation, causal=False)
+
+
+def decoder_spec(config: Seq2SeqConfig) -> BlockSpec:
+    """The decoder block: causal self-attention, cross-attention to the encoder, MLP."""
+    return BlockSpec(prenorm=config.prenorm, norm="layer", norm_eps=config.norm_eps,
+                     activation=config.activation, causal=True)
+
+
+def embed_scale(config: Seq2SeqConfig) -> float:
+    """The factor on token embeddings: sqrt(D) (paper, section 3.4) or 1."""
+    return math.sqrt(config.d_model) if config.scale_embeddings else 1.0
+
+
+def check_source(batch: dict[str, Any], config: Seq2SeqConfig) -> tuple[np.ndarray, np.ndarray | None]:
+    """input_ids (B, S) in [0, V), S <= max_len; attention_mask (B, S) optional -> (ids, bool mask)."""
+    require_keys(batch, ["input_ids"], "seq2seq")
+    return check_token_batch(batch, "input_ids", config.vocab_size, config.max_len)
+
+
+def check_target(
+    batch: dict[str, Any], config: Seq2SeqConfig, batch_size: int | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """decoder_input_ids (B, T) in [0, V), T <= max_len; decoder_attention_mask (B, T) optional.
+
+    ``batch_size``: the source's B, which the target must match.
+    """
+    require_keys(batch, ["decoder_input_ids"], "seq2seq")
+    ids, mask = check_token_batch(batch, "decoder_input_ids", config.vocab_size, config.max_len)
+    if batch_size is not None and ids.shape[0] != batch_size:
+        raise ValueError(
+            f"decoder_input_ids has batch size {ids.shape[0]} but the source has {batch_size}; "
+            "input_ids (B, S) and decoder_input_ids (B, T) must share B"
+        )
+    return ids, mask
+
+
+def check_encoder_output(enc: Any, batch: dict[str, Any], config: Seq2SeqConfig, batch_size: int) -> None:
+    """enc (B, S, D) float; the source attention_mask, if given, must be (B, S)."""
+    check_array("enc", enc, (batch_size, "S", config.d_model), kind="float")
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        check_array("attention_mask", mask, (batch_size, enc.shape[1]))
+
+
+def check_labels(batch: dict[str, Any], config: Seq2SeqConfig) -> np.ndarray:
+    """labels (B, T) ints in [0, V) or -100, shaped like decoder_input_ids."""
+    require_keys(batch, ["labels"], "seq2seq")
+    labels = batch["labels"]
+    check_array("labels", labels, tuple(np.shape(batch["decoder_input_ids"])), kind="int")
+    lab = np.asarray(labels)
+    bad = lab[(lab != -100) & ((lab < 0) | (lab >= config.vocab_size))]
+    if bad.size:
+        raise ValueError(f"labels must lie in [0, {config.vocab_size}) or equal -100, found {int(bad[0])}")
+    return lab
+
+
+# --------------------------------------------------------------------------------------------
+# model
+
+
+def init(config: Seq2SeqConfig, rng: np.random.Generator) -> Tree:
+    """Fresh parameters (same rules as ``bigmodel_jax.models.seq2seq.init``, NumPy random stream)."""
+    return init_params(param_shapes(config), config.n_layers, rng, np.dtype(config.dtype))
+
+
+def _target_table(params: Tree, config: Seq2SeqConfig) -> Tree:
+    return params["embed"] if config.share_embeddings else params["target_embed"]
+
+
+def _embed_forward(table: Tree, ids: np.ndarray, config: Seq2SeqConfig) -> tuple[np.ndarray, Any]:
+    """ids (B, N) -> E[ids] * scale + PE[n]: (B, N, D); cache for ``_embed_backward``."""
+    x, c = embedding_forward(table, ids)  # (B, N, D)
+    scale = x.dtype.type(embed_scale(config))
+    pe = sinusoidal_positions(np.arange(ids.shape[1]), config.d_model, x.dtype, layout=POSITION_LAYOUT)
+    return x * scale + pe[None], (c, scale)
+
+
+def _embed_backward(table: Tree, cache: Any, dx: np.ndarray) -> Tree:
+    c, scale = cache
+    _, g = embedding_backward(table, c, dx * scale)
+    return g
+
+
+def encode_with_cache(params: Tree, batch: dict[str, Any], config: Seq2SeqConfig) -> tuple[np.ndarray, Any]:
+    """input_ids (B, S) [, attention_mask (B, S)] -> encoder output (B, S, D) and its cache."""
+    ids, mask = check_source(batch, config)
+    x, c_embed = _embed_forward(params["embed"], ids, config)  # (B, S, D)
+    spec = encoder_spec(config)
+    c_blocks = []
+    for i in range(config.n_layers):  # a loop over layers, not tokens
+        x, c = block_forward(layer(params["encoder"]["layers"], i), x, spec, key_padding_mask=mask)
+        c_blocks.append(c)
+    c_norm = None
+    if config.prenorm:
+        x, c_norm = layer_norm_forward(params["encoder"]["final_norm"], x, eps=config.norm_eps)
+    return x, (c_embed, c_blocks, c_norm)
+
+
+def encode(params: Tree, batch: dict[str, Any], config: Seq2SeqConfig) -> np.ndarray:
+    """Encoder output (B, S, D), reusable by ``decode`` for every decoding step."""
+    return encode_with_cache(params, batch, config)[0]
+
+
+def decode_with_cache(
+    params: Tree, enc: np.ndarray, batch: dict[str, Any], config: Seq2SeqConfig
+) -> tuple[np.ndarray, Any]:
+    """enc (B, S, D), decoder_input_ids (B, T) [, attention_mask (B, S) of the source,
+    decoder_attention_mask (B, T)] -> logits (B, T, V) and the decoder's cache."""
+    ids, dec_mask = check_target(batch, config)
+    B = ids.shape[0]
+    check_encoder_output(enc, batch, config, B)
+    src_mask = batch.get("attention_mask")
+    src_mask = None if src_mask is None else np.asarray(src_mask).astype(bool)
+    table = _target_table(params, config)
+    y, c_embed = _embed_forward(table, ids, config)  # (B, T, D)
+    spec = decoder_spec(config)
+    c_blocks = []
+    for i in range(config.decoder_layers):
+        y, c = block_forward(layer(params["decoder"]["layers"], i), y, spec, enc=enc,
+                             key_padding_mask=dec_mask, enc_padding_mask=src_mask)
+        c_blocks.append(c)
+    c_norm = None
+    if config.prenorm:
+        y, c_norm = layer_norm_forward(params["decoder"]["final_norm"], y, eps=config.norm_eps)
+    if config.share_embeddings:
+        logits, c_head = embedding_attend(params["embed"], y)  # (B, T, V)
+    else:
+        logits, c_head = y @ params["lm_head"]["kernel"], y
+    return logits, (c_embed, c_blocks, c_norm, c_head)
+
+
+def decode(params: Tree, enc: np.ndarray, batch: dict[str, Any], config: Seq2SeqConfig) -> np.ndarray:
+    """Logits (B, T, V) of the target tokens given the encoder output ``enc`` (B, S, D)."""
+    return decode_with_cache(params, enc, batch, config)[0]
+
+
+def forward_with_cache(params: Tree, batch: dict[str, Any], config: Seq2SeqConfig) -> tuple[np.ndarray, Any]:
+    """Logits (B, T, V) and everything backward needs."""
+    src_ids, _ = check_source(batch, config)
+    check_target(batch, config, src_ids.shape[0])
+    enc, c_enc = encode_with_cache(params, batch, config)
+    logits, c_dec = decode_with_cache(params, enc, batch, config)
+    return logits, (c_enc, c_dec)
+
+
+def forward(params: Tree, batch: dict[str, Any], config: Seq2SeqConfig) -> np.ndarray:
+    """Logits (B, T, V): position t's distribution over the token at ``labels[:, t]``."""
+    return forward_with_cache(params, batch, config)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# backward
+
+
+def decode_backward(
+    params: Tree, cache: Any, dlogits: np.ndarray, config: Seq2SeqConfig
+) -> tuple[np.ndarray, Tree, Tree]:
+    """dlogits (B, T, V) -> (d_enc (B, S, D), decoder grads, grads of the target table / head).
+
+    The third tree holds ``embed`` (tied: target lookup + head) or ``target_embed`` and
+    ``lm_head`` (untied).
+    """
+    c_embed, c_blocks, c_norm, c_head = cache
+    outer: Tree = {}
+    if config.share_embeddings:
+        dy, g_head = embedding_attend_backward(params["embed"], c_head, dlogits)
+    else:
+        h = c_head
+        dy = dlogits @ params["lm_head"]["kernel"].T  # (B, T, D)
+        outer["lm_head"] = {"kernel": np.einsum("BTD,BTV->DV", h, dlogits)}
+    g_dec: Tree = {}
+    if config.prenorm:
+        dy, g_dec["final_norm"] = layer_norm_backward(params["decoder"]["final_norm"], c_norm, dy)
+    d_enc = None
+    layer_grads = []
+    for i in reversed(range(config.decoder_layers)):
+        (dy, de), g = block_backward(layer(params["decoder"]["layers"], i), c_blocks[i], dy)
+        d_enc = de if d_enc is None else d_enc + de  # every layer's cross-attention reads enc
+        layer_grads.append(g)
+    g_dec["layers"] = stack(layer_grads[::-1])
+    g_table = _embed_backward(_target_table(params, config), c_embed, dy)
+    if config.share_embeddings:
+        outer["embed"] = tree_add(g_table, g_head)
+    else:
+        outer["target_embed"] = g_table
+    return d_enc, g_dec, outer
+
+
+def encode_backward(params: Tree, cache: Any, d_enc: np.ndarray, config: Seq2SeqConfig) -> tuple[Tree, Tree]:
+    """d_enc (B, S, D) -> (encoder grads, source embedding grads {embedding: (V, D)})."""
+    c_embed, c_blocks, c_norm = cache
+    g_enc: Tree = {}
+    dx = d_enc
+    if config.prenorm:
+        dx, g_enc["final_norm"] = layer_norm_backward(params["encoder"]["final_norm"], c_norm, dx)
+    layer_grads = []
+    for i in reversed(range(config.n_layers)):
+        dx, g = block_backward(layer(params["encoder"]["layers"], i), c_blocks[i], dx)
+        layer_grads.append(g)
+    g_enc["layers"] = stack(layer_grads[::-1])
+    return g_enc, _embed_backward(params["embed"], c_embed, dx)
+
+
+def backward(params: Tree, cache: Any, dlogits: np.ndarray, config: Seq2SeqConfig) -> Tree:
+    """Hand-written backward from dlogits (B, T, V) to a gradient tree shaped like params."""
+    c_enc, c_dec = cache
+    d_enc, g_dec, outer = decode_backward(params, c_dec, dlogits, config)
+    g_enc, g_src = encode_backward(params, c_enc, d_enc, config)
+    grads: Tree = {"encoder": g_enc, "decoder": g_dec, **outer}
+    grads["embed"] = tree_add(outer["embed"], g_src) if config.share_embeddings else g_src
+    return grads
+
+
+def loss_and_grad(params: Tree, batch: dict[str, Any], config: Seq2SeqConfig) -> tuple[np.ndarray, Tree]:
+    """Mean label-smoothed cross-entropy of ``logits[:, t]`` against ``labels[:, t]`` (no shift;
+    -100 ignored) and its gradient, by the hand-written backward."""
+    logits, cache = forward_with_cache(params, batch, config)
+    labels = check_labels(batch, config)
+    loss, c_loss = cross_entropy_forward(logits, labels, label_smoothing=config.label_smoothing)
+    dlogits = cross_entropy_backward(c_loss, np.ones((), logits.dtype))
+    return loss, backward(params, cache, dlogits, config)
