@@ -27,7 +27,7 @@ from bigmodel_jax.layers.mlp import gated_mlp, mlp
 from bigmodel_jax.layers.norms import layer_norm, rms_norm
 from bigmodel_jax.layers.rope import rope
 from reference_numpy.checks import check_array
-from reference_numpy.configs import GPTConfig
+from reference_numpy.configs import GPTConfig, Seq2SeqConfig
 from reference_numpy.layers.attention import key_bias_matters
 from reference_numpy.models.common import check_token_batch
 
@@ -43,6 +43,22 @@ def init_cache(config: GPTConfig, batch: int, slots: int, dtype: Any) -> Tree:
 def _proj(p: Tree, x: jax.Array, spec: str, use_bias: bool = True) -> jax.Array:
     y = jnp.einsum(spec, x, p["kernel"])
     return y + p["bias"] if use_bias and "bias" in p else y
+
+
+def attend_cached(a: Tree, q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
+    """Attention of new queries q (B, N, H, E) over cached keys/values (B, S, K, E).
+
+    allowed: (B, 1, 1, N, S) bool. Same math as ``layers.attention`` (masked rows give zeros).
+    Returns the output projection (B, N, D).
+    """
+    B, N, H, E = q.shape
+    K = k.shape[2]
+    logits = jnp.einsum("BNKGE,BSKE->BKGNS", q.reshape(B, N, K, H // K, E), k) / math.sqrt(E)
+    probs = softmax(jnp.where(allowed, logits, jnp.finfo(logits.dtype).min), axis=-1)
+    probs = jnp.where(allowed, probs, 0.0)
+    o = jnp.einsum("BKGNS,BSKE->BNKGE", probs, v).reshape(B, N, H, E)
+    y = jnp.einsum("BNHE,HED->BND", o, a["out"]["kernel"])
+    return y + a["out"]["bias"] if "bias" in a["out"] else y
 
 
 def decode_step(
@@ -61,8 +77,6 @@ def decode_step(
         x = x + position_embedding(params["position"], slots)[None]
     norm = layer_norm if config.norm == "layer" else rms_norm
     rope_on = config.positions == "rope"
-    H, K, E = config.n_heads, config.kv_heads, config.e
-    G = H // K
     # query i (slot pos + i) may see slot s iff s <= pos + i and the slot is not padding
     allowed = (jnp.arange(S)[None, :] <= slots[:, None])[None] & key_mask[:, None, :]  # (B, N, S)
     allowed = allowed[:, None, None]  # (B, 1, 1, N, S)
@@ -79,14 +93,7 @@ def decode_step(
             k = rope(k, slots, theta=config.rope_theta)
         k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, pos, 0, 0))
         v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, pos, 0, 0))
-        logits = jnp.einsum("BNKGE,BSKE->BKGNS", q.reshape(B, N, K, G, E), k_cache) / math.sqrt(E)
-        probs = softmax(jnp.where(allowed, logits, jnp.finfo(logits.dtype).min), axis=-1)
-        probs = jnp.where(allowed, probs, 0.0)
-        o = jnp.einsum("BKGNS,BSKE->BNKGE", probs, v_cache).reshape(B, N, H, E)
-        y = jnp.einsum("BNHE,HED->BND", o, a["out"]["kernel"])
-        if "bias" in a["out"]:
-            y = y + a["out"]["bias"]
-        h = h + y
+        h = h + attend_cached(a, q, k_cache, v_cache, allowed)
         mlp_fn = gated_mlp if config.gated_mlp else mlp
         h = h + mlp_fn(p["mlp"], norm(p["mlp_norm"], h, config.norm_eps), activation=config.activation)
         return h, (k_cache, v_cache)
@@ -229,47 +236,194 @@ def beam_search(
 def _beam_search(params, input_ids, config, max_new_tokens, W, length_penalty, eos_token_id, pad_token_id):
     B, T0 = input_ids.shape
     S = T0 + max_new_tokens
-    V = config.vocab_size
-    dtype = params["embed"]["embedding"].dtype
     ids = jnp.repeat(input_ids, W, axis=0)  # (B*W, T0), beam-major within each prompt
     key_mask = jnp.ones((B * W, S), bool)
-    cache = init_cache(config, B * W, S, dtype)
+    cache = init_cache(config, B * W, S, params["embed"]["embedding"].dtype)
     logits, cache = decode_step(params, cache, ids, jnp.asarray(0), key_mask, config)
+
+    def step(cache: Tree, tok: jax.Array, i: jax.Array) -> tuple[jax.Array, Tree]:
+        logits, cache = decode_step(params, cache, tok[:, None].astype(ids.dtype), T0 + i, key_mask, config)
+        return logits[:, -1], cache
+
+    out = beam_loop(step, logits[:, -1], cache, B, W, max_new_tokens, length_penalty, eos_token_id,
+                    pad_token_id, input_ids.dtype)
+    return jnp.concatenate([input_ids, out], axis=1)
+
+
+def beam_loop(step, last_logits, cache: Tree, B: int, W: int, max_new_tokens: int, length_penalty: float,
+              eos_token_id: int | None, pad_token_id: int, dtype: Any) -> jax.Array:
+    """The beam search shared by the decoder-only and encoder-decoder models.
+
+    ``step(cache, tok (B*W,), i) -> (logits (B*W, V), cache)`` runs one token per beam;
+    ``last_logits`` (B*W, V) are the prompt's; every cache leaf has the B*W rows on axis 1.
+    Returns the best beam's tokens (B, max_new_tokens).
+    """
+    V = last_logits.shape[-1]
     # Only beam 0 is live at the start, so the first expansion does not pick W copies.
     scores = jnp.where(jnp.arange(W)[None, :] == 0, 0.0, -jnp.inf).astype(jnp.float32)
     scores = jnp.broadcast_to(scores, (B, W))
     finished = jnp.zeros((B, W), bool)
     lengths = jnp.zeros((B, W), jnp.int32)
-    tokens = jnp.full((B, W, max_new_tokens), pad_token_id, input_ids.dtype)
+    tokens = jnp.full((B, W, max_new_tokens), pad_token_id, dtype)
+    pad_row = jnp.full((V,), -jnp.inf).at[pad_token_id].set(0.0)
 
-    def body(carry, step):
+    def body(carry, i):
         last_logits, cache, scores, finished, lengths, tokens = carry
         logp = jax.nn.log_softmax(last_logits.astype(jnp.float32), axis=-1).reshape(B, W, V)
-        # a finished beam may only continue with pad, at zero cost
-        pad_row = jnp.full((V,), -jnp.inf).at[pad_token_id].set(0.0)
-        logp = jnp.where(finished[..., None], pad_row, logp)
+        logp = jnp.where(finished[..., None], pad_row, logp)  # finished: only pad, at zero cost
         cand = (scores[..., None] + logp).reshape(B, W * V)
         scores, flat = jax.lax.top_k(cand, W)  # (B, W)
         beam, tok = flat // V, flat % V
         gather = lambda a: jnp.take_along_axis(a, beam.reshape(B, W, *([1] * (a.ndim - 2))), axis=1)  # noqa: E731
         was_finished = gather(finished)
-        tokens = gather(tokens).at[:, :, step].set(tok.astype(tokens.dtype))
+        tokens = gather(tokens).at[:, :, i].set(tok.astype(tokens.dtype))
         lengths = gather(lengths) + (~was_finished).astype(jnp.int32)
-        finished = was_finished
-        if eos_token_id is not None:
-            finished = finished | (tok == eos_token_id)
+        finished = was_finished if eos_token_id is None else was_finished | (tok == eos_token_id)
         rows = (jnp.arange(B)[:, None] * W + beam).reshape(-1)  # source beam of each new beam
-        cache = {n: c[:, rows] for n, c in cache.items()}
-        logits, cache = decode_step(params, cache, tok.reshape(B * W, 1).astype(ids.dtype), T0 + step,
-                                    key_mask, config)
-        return (logits[:, -1], cache, scores, finished, lengths, tokens), None
+        cache = jax.tree_util.tree_map(lambda c: c[:, rows], cache)
+        last_logits, cache = step(cache, tok.reshape(B * W), i)
+        return (last_logits, cache, scores, finished, lengths, tokens), None
 
-    carry = (logits[:, -1], cache, scores, finished, lengths, tokens)
+    carry = (last_logits, cache, scores, finished, lengths, tokens)
     (_, _, scores, finished, lengths, tokens), _ = jax.lax.scan(body, carry, jnp.arange(max_new_tokens))
     final = scores / jnp.maximum(lengths, 1).astype(jnp.float32) ** length_penalty
     best = jnp.argmax(final, axis=1)  # (B,)
-    out = jnp.take_along_axis(tokens, best[:, None, None], axis=1)[:, 0]
-    return jnp.concatenate([input_ids, out], axis=1)
+    return jnp.take_along_axis(tokens, best[:, None, None], axis=1)[:, 0]
+
+
+# --------------------------------------------------------------------------------------------
+# encoder-decoder
+
+
+def seq2seq_init_cache(params: Tree, enc: jax.Array, config: Seq2SeqConfig, slots: int) -> Tree:
+    """Decoder self-attention cache (L, B, slots, K, E) plus the cross-attention keys/values of
+    the encoder output, computed once: (L, B, S, H, E)."""
+    Ld, B = config.decoder_layers, enc.shape[0]
+    K, E = config.n_kv_heads or config.n_heads, config.d_model // config.n_heads
+    cross = params["decoder"]["layers"]["cross_attn"]
+    # no key bias: without RoPE it cannot change attention (see layers.attention.key_bias_matters)
+    ck = jnp.einsum("BSD,LDHE->LBSHE", enc, cross["key"]["kernel"])
+    cv = jnp.einsum("BSD,LDHE->LBSHE", enc, cross["value"]["kernel"])
+    if "bias" in cross["value"]:
+        cv = cv + cross["value"]["bias"][:, None, None]
+    zeros = jnp.zeros((Ld, B, slots, K, E), enc.dtype)
+    return {"k": zeros, "v": zeros, "ck": ck, "cv": cv}
+
+
+def seq2seq_decode_step(params: Tree, cache: Tree, ids: jax.Array, pos: jax.Array,
+                        src_mask: jax.Array, config: Seq2SeqConfig) -> tuple[jax.Array, Tree]:
+    """Target tokens ids (B, N) at slots [pos, pos + N) -> logits (B, N, V), updated cache."""
+    from bigmodel_jax.models.seq2seq import _embed_at
+    from reference_numpy.models.seq2seq import decoder_spec
+
+    B, N = ids.shape
+    T = cache["k"].shape[2]
+    S = cache["ck"].shape[2]
+    slots = pos + jnp.arange(N)
+    table = params["embed"] if config.share_embeddings else params["target_embed"]
+    y = _embed_at(table, ids, slots, config)
+    spec = decoder_spec(config)
+    self_allowed = jnp.broadcast_to((jnp.arange(T)[None, :] <= slots[:, None]), (B, N, T))[:, None, None]
+    cross_allowed = jnp.broadcast_to(src_mask[:, None, :], (B, N, S))[:, None, None]
+
+    def layer(h: jax.Array, xs):
+        p, k_cache, v_cache, ck, cv = xs
+
+        def self_attn(n):
+            nonlocal k_cache, v_cache
+            a = p["attn"]
+            q = _proj(a["query"], n, "BND,DHE->BNHE")
+            k_cache = jax.lax.dynamic_update_slice(k_cache, _proj(a["key"], n, "BND,DKE->BNKE", False), (0, pos, 0, 0))
+            v_cache = jax.lax.dynamic_update_slice(v_cache, _proj(a["value"], n, "BND,DKE->BNKE"), (0, pos, 0, 0))
+            return attend_cached(a, q, k_cache, v_cache, self_allowed)
+
+        def cross_attn(n):
+            a = p["cross_attn"]
+            return attend_cached(a, _proj(a["query"], n, "BND,DHE->BNHE"), ck, cv, cross_allowed)
+
+        def sublayer(name, h, fn):
+            if spec.prenorm:
+                return h + fn(layer_norm(p[name + "_norm"], h, spec.norm_eps))
+            return layer_norm(p[name + "_norm"], h + fn(h), spec.norm_eps)
+
+        h = sublayer("attn", h, self_attn)
+        h = sublayer("cross", h, cross_attn)
+        h = sublayer("mlp", h, lambda n: mlp(p["mlp"], n, activation=spec.activation))
+        return h, (k_cache, v_cache)
+
+    y, (k_new, v_new) = jax.lax.scan(
+        layer, y, (params["decoder"]["layers"], cache["k"], cache["v"], cache["ck"], cache["cv"]))
+    if config.prenorm:
+        y = layer_norm(params["decoder"]["final_norm"], y, config.norm_eps)
+    if config.share_embeddings:
+        logits = attend(params["embed"], y)
+    else:
+        logits = jnp.einsum("BND,DV->BNV", y, params["lm_head"]["kernel"])
+    return logits, {**cache, "k": k_new, "v": v_new}
+
+
+def seq2seq_generate(
+    params: Tree,
+    batch: dict[str, Any],
+    config: Seq2SeqConfig,
+    *,
+    max_new_tokens: int,
+    decoder_start_token_id: int = 0,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
+    eos_token_id: int | None = None,
+    pad_token_id: int = 0,
+) -> jax.Array:
+    """Translate: encode ``input_ids`` once, then decode with the cache.
+
+    Greedy for ``num_beams=1``, else beam search (rules of ``beam_search``). Returns
+    (B, 1 + max_new_tokens) target ids starting with ``decoder_start_token_id``, as HF does.
+    """
+    from reference_numpy.models.seq2seq import check_source
+
+    ids, mask = check_source(batch, config)
+    if not 1 <= max_new_tokens < config.max_len:
+        raise ValueError(f"max_new_tokens must be in [1, {config.max_len - 1}] (max_len={config.max_len}), "
+                         f"got {max_new_tokens}")
+    if not 1 <= num_beams <= config.vocab_size:
+        raise ValueError(f"num_beams must be in [1, {config.vocab_size}], got {num_beams}")
+    mask = jnp.ones(ids.shape, bool) if mask is None else jnp.asarray(mask)
+    return _seq2seq_generate(params, jnp.asarray(ids), mask, config, max_new_tokens, decoder_start_token_id,
+                             num_beams, float(length_penalty), eos_token_id, pad_token_id)
+
+
+@partial(jax.jit, static_argnums=(3, 4, 5, 6, 7, 8, 9))
+def _seq2seq_generate(params, src, src_mask, config, max_new_tokens, start, W, length_penalty, eos_token_id,
+                      pad_token_id):
+    from bigmodel_jax.models.seq2seq import encode
+
+    B = src.shape[0]
+    enc = encode(params, {"input_ids": src, "attention_mask": src_mask}, config)
+    if W > 1:  # every beam of a sentence reads the same encoder output
+        enc, src_mask = jnp.repeat(enc, W, axis=0), jnp.repeat(src_mask, W, axis=0)
+    cache = seq2seq_init_cache(params, enc, config, 1 + max_new_tokens)
+    first = jnp.full((B * W, 1), start, src.dtype)
+    logits, cache = seq2seq_decode_step(params, cache, first, jnp.asarray(0), src_mask, config)
+
+    def step(cache: Tree, tok: jax.Array, i: jax.Array) -> tuple[jax.Array, Tree]:
+        logits, cache = seq2seq_decode_step(params, cache, tok[:, None].astype(src.dtype), 1 + i, src_mask, config)
+        return logits[:, -1], cache
+
+    if W > 1:
+        out = beam_loop(step, logits[:, -1], cache, B, W, max_new_tokens, length_penalty, eos_token_id,
+                        pad_token_id, src.dtype)
+    else:
+        def body(carry, i):
+            last, cache, done = carry
+            tok = jnp.where(done, pad_token_id, jnp.argmax(last, axis=-1))
+            if eos_token_id is not None:
+                done = done | (tok == eos_token_id)
+            last, cache = step(cache, tok, i)
+            return (last, cache, done), tok
+
+        _, toks = jax.lax.scan(body, (logits[:, -1], cache, jnp.zeros((B,), bool)), jnp.arange(max_new_tokens))
+        out = toks.T.astype(src.dtype)
+    return jnp.concatenate([jnp.full((B, 1), start, src.dtype), out], axis=1)
 
 
 def check_prompt(name: str, ids: Any) -> None:

@@ -49,8 +49,13 @@ def init(config: Seq2SeqConfig, seed: int = 0) -> Tree:
 
 def _embed(table: Tree, ids: jax.Array, config: Seq2SeqConfig) -> jax.Array:
     """ids (B, N) -> E[ids] * scale + PE[n]: (B, N, D)."""
+    return _embed_at(table, ids, jnp.arange(ids.shape[1]), config)
+
+
+def _embed_at(table: Tree, ids: jax.Array, positions: jax.Array, config: Seq2SeqConfig) -> jax.Array:
+    """ids (B, N) at positions (N,) -> E[ids] * scale + PE[positions] (incremental decoding)."""
     x = embed(table, ids) * embed_scale(config)  # (B, N, D)
-    pe = sinusoidal_positions(jnp.arange(ids.shape[1]), config.d_model, x.dtype, layout=POSITION_LAYOUT)
+    pe = sinusoidal_positions(positions, config.d_model, x.dtype, layout=POSITION_LAYOUT)
     return x + pe[None]
 
 
