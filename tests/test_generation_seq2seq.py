@@ -87,3 +87,19 @@ def test_bad_seq2seq_generation_arguments():
         jgen.seq2seq_generate(jp, {"input_ids": np.array([[1, 10_000]])}, config, max_new_tokens=2)
     with pytest.raises(ValueError, match="missing"):
         jgen.seq2seq_generate(jp, {"src": np.array([[1]])}, config, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("prenorm", [False, True])
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_numpy_and_jax_decode_identically(prenorm, num_beams):
+    from reference_numpy import generation as rgen
+
+    config, params, batch = _setup(prenorm, seed=7)
+    kw = dict(max_new_tokens=5, num_beams=num_beams, eos_token_id=9, length_penalty=1.0)
+    want = rgen.seq2seq_generate(params, batch, config, **kw)
+    got = np.asarray(jgen.seq2seq_generate(to_jax(params), batch, config, **kw))
+    np.testing.assert_array_equal(got, want)
+    if num_beams == 1:
+        np.testing.assert_array_equal(
+            rgen.seq2seq_generate(params, batch, config, max_new_tokens=5),
+            _greedy_by_recompute(params, batch, config, 5))
