@@ -82,8 +82,9 @@ def run_report(
     return lines
 
 
-def print_report(lines: list[ReportLine], out: TextIO = sys.stdout) -> None:
-    """Render the table plus a summary line."""
+def print_report(lines: list[ReportLine], out: TextIO | None = None) -> None:
+    """Render the table plus a summary line (to stdout by default)."""
+    out = sys.stdout if out is None else out
     out.write(f"bigmodel-jax parity report: jax {jax.__version__} on {jax.default_backend()}, "
               f"matmul precision '{MATMUL_PRECISION}', x64={jax.config.jax_enable_x64}\n")
     out.write("errors are normwise: max|jax - ref| and max|jax - ref| / max|ref|\n\n")

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from bigmodel_jax.parity.harness import CaseData, register
+from bigmodel_jax.parity.harness import CaseData, register, register_trajectory
 from reference_numpy import configs
 from reference_numpy.tolerances import MODEL_PARITY
 from reference_numpy.tree import tree_leaves_with_path, tree_set
@@ -88,3 +88,19 @@ def seq2seq_case(
         jax_forward=lambda p, i: js2s.forward(p, data, config),
         tolerances=MODEL_PARITY,
     )
+
+
+@register_trajectory("seq2seq")
+def seq2seq_trajectory(dtype: Any, preset: str = "seq2seq-tiny"):
+    """(params, ref_lg, jax_lg) for ``adamw_trajectory``: padded source and target, smoothed loss."""
+    from bigmodel_jax.models import seq2seq as js2s
+    from bigmodel_jax.tree import to_jax
+    from reference_numpy.models import seq2seq as rs2s
+
+    config = dataclasses.replace(configs.preset(preset), dtype=np.dtype(dtype).name, n_layers=1)
+    rng = np.random.default_rng(3)
+    params = rs2s.init(config, rng)
+    batch = seq2seq_batch(rng, config, 2, 5, 4, pad=True, decoder_pad=True)
+    jbatch = to_jax(batch)
+    return (params, lambda p: rs2s.loss_and_grad(p, batch, config),
+            lambda p: js2s.loss_and_grad(p, jbatch, config))

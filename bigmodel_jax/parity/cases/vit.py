@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from bigmodel_jax.parity.harness import CaseData, register
+from bigmodel_jax.parity.harness import CaseData, register, register_trajectory
 from reference_numpy import configs
 from reference_numpy.tolerances import MODEL_PARITY
 from reference_numpy.tree import tree_leaves_with_path, tree_set
@@ -60,3 +60,20 @@ def vit_case(
         jax_forward=lambda p, i: jvit.jit_forward(p, {"pixel_values": i["pixel_values"]}, config),
         tolerances=MODEL_PARITY,
     )
+
+
+@register_trajectory("vit")
+def vit_trajectory(dtype: Any, preset: str = "vit-tiny"):
+    """(params, ref_lg, jax_lg) for ``adamw_trajectory`` on a random labelled image batch."""
+    from bigmodel_jax.models import vit as jvit
+    from bigmodel_jax.tree import to_jax
+    from reference_numpy.models import vit as rvit
+
+    config = dataclasses.replace(configs.preset(preset), dtype=np.dtype(dtype).name)
+    rng = np.random.default_rng(3)
+    params = rvit.init(config, rng)
+    batch = {"pixel_values": image_batch(rng, config, 3, dtype),
+             "labels": rng.integers(0, config.num_labels, size=(3,))}
+    jbatch = to_jax(batch)
+    return (params, lambda p: rvit.loss_and_grad(p, batch, config),
+            lambda p: jvit.loss_and_grad(p, jbatch, config))
