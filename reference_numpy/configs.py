@@ -304,3 +304,58 @@ def param_count(config: Config) -> int:
         return math.prod(node)
 
     return count(param_shapes(config))
+
+
+# --------------------------------------------------------------------------------------------
+# logical axis names (mapped to mesh axes by one rules table on the JAX side when sharding)
+
+# (leaf-path suffix, axis names of the unstacked leaf); the first match wins.
+_AXIS_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
+    ("attn/query/kernel", ("embed", "heads", "head_dim")),
+    ("attn/query/bias", ("heads", "head_dim")),
+    ("attn/key/kernel", ("embed", "kv_heads", "head_dim")),
+    ("attn/key/bias", ("kv_heads", "head_dim")),
+    ("attn/value/kernel", ("embed", "kv_heads", "head_dim")),
+    ("attn/value/bias", ("kv_heads", "head_dim")),
+    ("attn/out/kernel", ("heads", "head_dim", "embed")),
+    ("mlp/down/kernel", ("mlp", "embed")),
+    ("mlp/up/kernel", ("embed", "mlp")),
+    ("mlp/gate/kernel", ("embed", "mlp")),
+    ("mlp/up/bias", ("mlp",)),
+    ("mlp/gate/bias", ("mlp",)),
+    ("position/embedding", ("position", "embed")),
+    ("token_type/embedding", (None, "embed")),
+    ("embedding", ("vocab", "embed")),
+    ("lm_head/kernel", ("embed", "vocab")),
+    ("patch_embed/kernel", ("patch", "embed")),
+    ("head/kernel", ("embed", "classes")),
+    ("head/bias", ("classes",)),
+    ("pooler/kernel", ("embed", None)),
+    ("scale", ("embed",)),
+    ("bias", ("embed",)),
+    ("cls_token", ("embed",)),
+)
+
+
+def param_axes(config: Config) -> dict[str, Any]:
+    """Logical axis names of every leaf (same tree as ``param_shapes``); stacked per-layer leaves
+    get ``"layers"`` first. Names, not mesh axes: a sharding rules table maps them later."""
+
+    def walk(node: dict[str, Any], path: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            p = f"{path}/{k}" if path else k
+            if isinstance(v, dict):
+                out[k] = walk(v, p)
+                continue
+            names = next((n for suffix, n in _AXIS_RULES if p.endswith(suffix)), None)
+            if names is None:
+                raise KeyError(f"no logical axis rule for parameter {p}")
+            stacked = "layers/" in p
+            names = (("layers",) if stacked else ()) + names
+            if len(names) != len(v):
+                raise AssertionError(f"axis rule for {p} gives {names} for shape {v}")
+            out[k] = names
+        return out
+
+    return walk(param_shapes(config), "")

@@ -66,3 +66,19 @@ def test_variants_by_replace_and_unknown_preset():
     assert preset("gpt2-tiny", n_layers=3).n_layers == 3
     with pytest.raises(ValueError, match="unknown preset 'gpt3'"):
         preset("gpt3")
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_parameter_has_logical_axis_names_of_its_rank(name):
+    from reference_numpy.configs import param_axes
+    from reference_numpy.tree import tree_leaves_with_path
+
+    shapes = dict(tree_leaves_with_path(param_shapes(preset(name))))
+    axes = dict(tree_leaves_with_path(param_axes(preset(name))))
+    assert shapes.keys() == axes.keys()
+    for path, names in axes.items():
+        assert len(names) == len(shapes[path]), path
+        assert ("layers" in names) == path.startswith(("layers/", "encoder/layers/", "decoder/layers/"))
+    if name == "llama-tiny":
+        assert axes["layers/attn/key/kernel"] == ("layers", "embed", "kv_heads", "head_dim")
+        assert axes["lm_head/kernel"] == ("embed", "vocab")
