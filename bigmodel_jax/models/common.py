@@ -35,6 +35,30 @@ def init(config: Config, seed: int = 0) -> Tree:
     return out
 
 
+def subtree_init(config: Config, name: str, shapes: Any):
+    """Flax initializer for the top-level entry ``name``: its whole subtree by ``init_rule``,
+    one ``fold_in`` key per leaf (sorted-path order)."""
+    dtype = jnp.dtype(config.dtype)
+
+    def leaf(key: jax.Array, path: str, shape: tuple[int, ...]) -> jax.Array:
+        kind, std = init_rule(path, config.n_layers)
+        if kind == "ones":
+            return jnp.ones(shape, dtype)
+        if kind == "zeros":
+            return jnp.zeros(shape, dtype)
+        return (std * jax.random.normal(key, shape, dtype)).astype(dtype)
+
+    def init_fn(key: jax.Array) -> Any:
+        if not isinstance(shapes, dict):
+            return leaf(key, name, shapes)
+        out = tree_map(lambda s: None, shapes)
+        for i, (path, shape) in enumerate(tree_leaves_with_path(shapes)):
+            tree_set(out, path, leaf(jax.random.fold_in(key, i), f"{name}/{path}", shape))
+        return out
+
+    return init_fn
+
+
 def concrete(x: Any) -> bool:
     """True for arrays whose values are known (not tracers), so value checks can run."""
     return not isinstance(x, jax.core.Tracer)

@@ -25,10 +25,10 @@ from bigmodel_jax.layers.linear import linear
 from bigmodel_jax.layers.norms import layer_norm
 from bigmodel_jax.losses import cross_entropy
 from bigmodel_jax.models.common import init as _init
+from bigmodel_jax.models.common import subtree_init
 from reference_numpy.configs import ViTConfig, param_shapes
-from reference_numpy.models.common import init_rule
 from reference_numpy.models.vit import block_spec, check_labels, check_pixels
-from reference_numpy.tree import tree_leaves_with_path, tree_map, tree_set
+from reference_numpy.tree import tree_map
 
 Tree = dict[str, Any]
 
@@ -100,30 +100,6 @@ def loss_and_grad(params: Tree, batch: dict[str, Any], config: ViTConfig) -> tup
     return _loss_and_grad(params, {"pixel_values": px, "labels": batch["labels"]}, config)
 
 
-def _subtree_init(config: ViTConfig, name: str, shapes: Any):
-    """Flax initializer for the top-level entry ``name``: its whole subtree by ``init_rule``,
-    one ``fold_in`` key per leaf (sorted-path order)."""
-    dtype = jnp.dtype(config.dtype)
-
-    def leaf(key: jax.Array, path: str, shape: tuple[int, ...]) -> jax.Array:
-        kind, std = init_rule(path, config.n_layers)
-        if kind == "ones":
-            return jnp.ones(shape, dtype)
-        if kind == "zeros":
-            return jnp.zeros(shape, dtype)
-        return (std * jax.random.normal(key, shape, dtype)).astype(dtype)  # std: a NumPy float64
-
-    def init_fn(key: jax.Array) -> Any:
-        if not isinstance(shapes, dict):
-            return leaf(key, name, shapes)
-        out = tree_map(lambda s: None, shapes)
-        for i, (path, shape) in enumerate(tree_leaves_with_path(shapes)):
-            tree_set(out, path, leaf(jax.random.fold_in(key, i), f"{name}/{path}", shape))
-        return out
-
-    return init_fn
-
-
 class ViT(nn.Module):
     """Flax linen ViT whose ``variables["params"]`` is exactly the reference tree
     (``param_shapes(config)``, ``init_rule`` initialisation); ``apply`` calls ``forward``.
@@ -137,7 +113,7 @@ class ViT(nn.Module):
     config: ViTConfig
 
     def setup(self) -> None:
-        self._tree = {name: self.param(name, _subtree_init(self.config, name, shapes))
+        self._tree = {name: self.param(name, subtree_init(self.config, name, shapes))
                       for name, shapes in param_shapes(self.config).items()}
 
     def params(self) -> Tree:
