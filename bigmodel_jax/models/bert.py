@@ -24,6 +24,7 @@ from bigmodel_jax.layers.norms import layer_norm
 from bigmodel_jax.losses import cross_entropy
 from bigmodel_jax.models.common import as_bool_mask
 from bigmodel_jax.models.common import init as _init
+from bigmodel_jax.models.common import init_from_shapes
 from reference_numpy.configs import BertConfig
 from reference_numpy.models.bert import (
     BATCH_KEYS,
@@ -35,8 +36,7 @@ from reference_numpy.models.bert import (
     check_params,
     head_shapes,
 )
-from reference_numpy.models.common import init_rule
-from reference_numpy.tree import tree_leaves_with_path, tree_map, tree_set
+from reference_numpy.tree import tree_map
 
 Tree = dict[str, Any]
 
@@ -56,17 +56,7 @@ def init(config: BertConfig, seed: int = 0, head: str = "mlm") -> Tree:
     dtype = jnp.dtype(config.dtype)
     params = _init(config, seed)
     head_key = jax.random.fold_in(jax.random.key(seed), _HEAD_STREAM)
-    shapes = head_shapes(config, head)
-    extra = tree_map(lambda s: None, shapes)
-    for i, (path, shape) in enumerate(tree_leaves_with_path(shapes)):
-        kind, std = init_rule(path, config.n_layers)
-        if kind == "ones":
-            val = jnp.ones(shape, dtype)
-        elif kind == "zeros":
-            val = jnp.zeros(shape, dtype)
-        else:
-            val = std * jax.random.normal(jax.random.fold_in(head_key, i), shape, dtype)
-        tree_set(extra, path, val)
+    extra = init_from_shapes(head_shapes(config, head), head_key, config.n_layers, dtype)
     params.update(extra)
     # Every leaf in config.dtype even if a NumPy float64 std promoted one under x64 (ViT's note).
     return tree_map(lambda a: a.astype(dtype), params)

@@ -13,50 +13,37 @@ from reference_numpy.models.common import init_rule
 from reference_numpy.tree import Tree, tree_leaves_with_path, tree_map, tree_set
 
 
-def init(config: Config, seed: int = 0) -> Tree:
-    """A fresh parameter tree for ``config`` (same keys, shapes and rules as the reference).
+def init_leaf(path: str, shape: tuple[int, ...], key: jax.Array, n_layers: int, dtype: Any) -> jax.Array:
+    """One leaf by the shared ``init_rule`` (ones / zeros / scaled normal)."""
+    kind, std = init_rule(path, n_layers)
+    if kind == "ones":
+        return jnp.ones(shape, dtype)
+    if kind == "zeros":
+        return jnp.zeros(shape, dtype)
+    return (std * jax.random.normal(key, shape, dtype)).astype(dtype)
 
-    One key per leaf, ``fold_in(key(seed), leaf index in sorted-path order)``, so adding a
-    leaf elsewhere does not change the others' values.
-    """
-    shapes = param_shapes(config)
-    dtype = jnp.dtype(config.dtype)
-    root = jax.random.key(seed)
+
+def init_from_shapes(shapes: Any, key: jax.Array, n_layers: int, dtype: Any, prefix: str = "") -> Any:
+    """A tree shaped like ``shapes``, leaf i drawn with ``fold_in(key, i)`` (sorted-path order),
+    so adding a leaf elsewhere does not change the others' values. ``prefix`` is the subtree's
+    path in the full tree (the init rule looks at full paths)."""
+    if not isinstance(shapes, dict):
+        return init_leaf(prefix, shapes, key, n_layers, dtype)
     out = tree_map(lambda s: None, shapes)
     for i, (path, shape) in enumerate(tree_leaves_with_path(shapes)):
-        kind, std = init_rule(path, config.n_layers)
-        if kind == "ones":
-            val = jnp.ones(shape, dtype)
-        elif kind == "zeros":
-            val = jnp.zeros(shape, dtype)
-        else:
-            val = std * jax.random.normal(jax.random.fold_in(root, i), shape, dtype)
-        tree_set(out, path, val)
+        full = f"{prefix}/{path}" if prefix else path
+        tree_set(out, path, init_leaf(full, shape, jax.random.fold_in(key, i), n_layers, dtype))
     return out
 
 
+def init(config: Config, seed: int = 0) -> Tree:
+    """A fresh parameter tree for ``config`` (same keys, shapes and rules as the reference)."""
+    return init_from_shapes(param_shapes(config), jax.random.key(seed), config.n_layers, jnp.dtype(config.dtype))
+
+
 def subtree_init(config: Config, name: str, shapes: Any):
-    """Flax initializer for the top-level entry ``name``: its whole subtree by ``init_rule``,
-    one ``fold_in`` key per leaf (sorted-path order)."""
-    dtype = jnp.dtype(config.dtype)
-
-    def leaf(key: jax.Array, path: str, shape: tuple[int, ...]) -> jax.Array:
-        kind, std = init_rule(path, config.n_layers)
-        if kind == "ones":
-            return jnp.ones(shape, dtype)
-        if kind == "zeros":
-            return jnp.zeros(shape, dtype)
-        return (std * jax.random.normal(key, shape, dtype)).astype(dtype)
-
-    def init_fn(key: jax.Array) -> Any:
-        if not isinstance(shapes, dict):
-            return leaf(key, name, shapes)
-        out = tree_map(lambda s: None, shapes)
-        for i, (path, shape) in enumerate(tree_leaves_with_path(shapes)):
-            tree_set(out, path, leaf(jax.random.fold_in(key, i), f"{name}/{path}", shape))
-        return out
-
-    return init_fn
+    """Flax initializer for the top-level entry ``name``: its whole subtree by ``init_rule``."""
+    return lambda key: init_from_shapes(shapes, key, config.n_layers, jnp.dtype(config.dtype), prefix=name)
 
 
 def concrete(x: Any) -> bool:
