@@ -190,19 +190,32 @@ def _generate(params, input_ids, mask, key, config, max_new_tokens, temperature,
         z = filter_logits(last_logits / temperature, top_k, top_p)
         return jax.random.categorical(jax.random.fold_in(key, step), z, axis=-1)
 
-    def body(carry, step):
-        last_logits, cache, done = carry
-        tok = choose(last_logits, step)
-        tok = jnp.where(done, pad_token_id, tok)
+    def step(cache: Tree, tok: jax.Array, i: jax.Array) -> tuple[jax.Array, Tree]:
+        logits, cache = decode_step(params, cache, tok[:, None], T0 + i, key_mask, config)
+        return logits[:, -1], cache
+
+    new = token_loop(step, choose, logits[:, -1], cache, max_new_tokens, eos_token_id, pad_token_id)
+    return jnp.concatenate([input_ids, new.astype(input_ids.dtype)], axis=1)
+
+
+def token_loop(step, choose, last_logits: jax.Array, cache: Tree, max_new_tokens: int,
+               eos_token_id: int | None, pad_token_id: int) -> jax.Array:
+    """Shared one-token-per-step decoding as a ``lax.scan``: ``choose(logits (B, V), i) -> tok``,
+    ``step(cache, tok (B,), i) -> (logits, cache)``; after EOS a sequence emits pad.
+    Returns (B, max_new_tokens). The last step's forward is not needed for its logits; running
+    it keeps the loop uniform."""
+
+    def body(carry, i):
+        last, cache, done = carry
+        tok = jnp.where(done, pad_token_id, choose(last, i))
         if eos_token_id is not None:
             done = done | (tok == eos_token_id)
-        logits, cache = decode_step(params, cache, tok[:, None], T0 + step, key_mask, config)
-        return (logits[:, -1], cache, done), tok
+        last, cache = step(cache, tok, i)
+        return (last, cache, done), tok
 
-    done = jnp.zeros((B,), bool)
-    # The last step's forward is not needed for its logits; running it keeps the loop uniform.
-    _, new = jax.lax.scan(body, (logits[:, -1], cache, done), jnp.arange(max_new_tokens))
-    return jnp.concatenate([input_ids, new.T.astype(input_ids.dtype)], axis=1)
+    done = jnp.zeros((last_logits.shape[0],), bool)
+    _, toks = jax.lax.scan(body, (last_logits, cache, done), jnp.arange(max_new_tokens))
+    return toks.T
 
 
 def beam_search(
@@ -413,16 +426,9 @@ def _seq2seq_generate(params, src, src_mask, config, max_new_tokens, start, W, l
         out = beam_loop(step, logits[:, -1], cache, B, W, max_new_tokens, length_penalty, eos_token_id,
                         pad_token_id, src.dtype)
     else:
-        def body(carry, i):
-            last, cache, done = carry
-            tok = jnp.where(done, pad_token_id, jnp.argmax(last, axis=-1))
-            if eos_token_id is not None:
-                done = done | (tok == eos_token_id)
-            last, cache = step(cache, tok, i)
-            return (last, cache, done), tok
-
-        _, toks = jax.lax.scan(body, (logits[:, -1], cache, jnp.zeros((B,), bool)), jnp.arange(max_new_tokens))
-        out = toks.T.astype(src.dtype)
+        greedy = lambda last, i: jnp.argmax(last, axis=-1)  # noqa: E731
+        out = token_loop(step, greedy, logits[:, -1], cache, max_new_tokens, eos_token_id,
+                         pad_token_id).astype(src.dtype)
     return jnp.concatenate([jnp.full((B, 1), start, src.dtype), out], axis=1)
 
 

@@ -100,16 +100,28 @@ def greedy(params: Tree, input_ids: np.ndarray, config: GPTConfig, *, max_new_to
     key_mask = np.concatenate([mask, np.ones((B, max_new_tokens), bool)], axis=1)
     cache = init_cache(config, B, T0 + max_new_tokens, params["embed"]["embedding"].dtype)
     last = decode_step(params, cache, input_ids, 0, key_mask, config)[:, -1]
-    done = np.zeros(B, bool)
+
+    def step(cache: Tree, tok: np.ndarray, i: int) -> np.ndarray:
+        return decode_step(params, cache, tok[:, None], T0 + i, key_mask, config)[:, -1]
+
+    out = greedy_loop(step, last, cache, max_new_tokens, eos_token_id, pad_token_id, input_ids.dtype)
+    return np.concatenate([input_ids, out], axis=1)
+
+
+def greedy_loop(step, last: np.ndarray, cache: Tree, max_new_tokens: int, eos_token_id: int | None,
+                pad_token_id: int, dtype: Any) -> np.ndarray:
+    """Shared greedy decoding: argmax each step; after EOS a sequence emits pad. ``step(cache,
+    tok (B,), i) -> logits (B, V)`` updates ``cache`` in place. Returns (B, max_new_tokens)."""
+    done = np.zeros(last.shape[0], bool)
     out = []
-    for step in range(max_new_tokens):
+    for i in range(max_new_tokens):
         tok = np.where(done, pad_token_id, np.argmax(last, axis=-1))
         if eos_token_id is not None:
             done |= tok == eos_token_id
         out.append(tok)
-        if step + 1 < max_new_tokens:
-            last = decode_step(params, cache, tok[:, None], T0 + step, key_mask, config)[:, -1]
-    return np.concatenate([input_ids, np.stack(out, axis=1).astype(input_ids.dtype)], axis=1)
+        if i + 1 < max_new_tokens:
+            last = step(cache, tok, i)
+    return np.stack(out, axis=1).astype(dtype)
 
 
 def beam_search(params: Tree, input_ids: np.ndarray, config: GPTConfig, *, max_new_tokens: int,
@@ -267,14 +279,5 @@ def seq2seq_generate(params: Tree, batch: dict[str, Any], config: Seq2SeqConfig,
         out = beam_loop(step, last, cache, B, W, max_new_tokens, length_penalty, eos_token_id, pad_token_id,
                         ids.dtype)
     else:
-        done = np.zeros(B, bool)
-        toks = []
-        for i in range(max_new_tokens):
-            tok = np.where(done, pad_token_id, np.argmax(last, axis=-1))
-            if eos_token_id is not None:
-                done |= tok == eos_token_id
-            toks.append(tok)
-            if i + 1 < max_new_tokens:
-                last = step(cache, tok, i)
-        out = np.stack(toks, axis=1).astype(ids.dtype)
+        out = greedy_loop(step, last, cache, max_new_tokens, eos_token_id, pad_token_id, ids.dtype)
     return np.concatenate([np.full((B, 1), decoder_start_token_id, ids.dtype), out], axis=1)
