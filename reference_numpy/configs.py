@@ -34,6 +34,7 @@ class BertConfig:
     norm_eps: float = 1e-12  # LayerNorm epsilon (HF BERT uses 1e-12, not 1e-5)
     activation: str = "gelu"  # erf GELU (HF "gelu"); "gelu_tanh" is a different function
     num_labels: int = 2  # classes for the sequence / token classification heads
+    pooler: bool = True  # tanh pooler on token 0 (HF's masked-LM / token / QA models have none)
     dtype: str = "float32"  # parameter dtype
 
     family = "bert"
@@ -57,6 +58,7 @@ class GPTConfig:
     gated_mlp: bool = False  # SwiGLU-style gate (Llama) instead of a plain 2-layer MLP
     positions: str = "learned"  # "learned" (GPT-2) or "rope" (Llama)
     rope_theta: float = 10000.0  # RoPE base (Llama-3 uses 500000)
+    rope_layout: str = "half"  # which channels RoPE pairs: "half" (HF Llama) or "interleaved" (Meta)
     bias: bool = True  # biases in attention and MLP projections (GPT-2 yes, Llama no)
     tie_embeddings: bool = True  # output head shares the token embedding matrix
     head_dim: int | None = None  # E; None = D / H
@@ -92,6 +94,9 @@ class Seq2SeqConfig:
     activation: str = "relu"  # the paper's FFN uses ReLU
     share_embeddings: bool = True  # one matrix for source, target and pre-softmax weights
     scale_embeddings: bool = True  # multiply embeddings by sqrt(D) (paper, section 3.4)
+    position_layout: str = "interleaved"  # sinusoid channels: paper's sin/cos "interleaved" or
+    #                                       Marian's "concat" (all sines, then all cosines)
+    final_logits_bias: bool = False  # a learned (V,) bias added to the logits (Marian)
     dtype: str = "float32"  # parameter dtype
 
     family = "seq2seq"
@@ -116,6 +121,9 @@ class ViTConfig:
     dropout: float = 0.0  # hidden dropout
     norm_eps: float = 1e-12  # LayerNorm epsilon (HF ViT uses 1e-12)
     activation: str = "gelu"  # erf GELU
+    qkv_bias: bool = True  # biases on the query / key / value projections
+    classifier: bool = True  # classification head on the class token (HF ViTForImageClassification)
+    pooler: bool = False  # tanh pooler on the class token (HF ViTModel's pooler_output)
     dtype: str = "float32"  # parameter dtype
 
     family = "vit"
@@ -249,7 +257,7 @@ def param_shapes(config: Config) -> dict[str, Any]:
                            "token_type": {"embedding": (c.type_vocab_size, d)},
                            "norm": _norm(d)},
             "layers": _stack(c.n_layers, block),
-            "pooler": _linear(d, d),
+            **({"pooler": _linear(d, d)} if c.pooler else {}),
         }
     if isinstance(c, GPTConfig):
         d, rms = c.d_model, c.norm == "rms"
@@ -274,6 +282,8 @@ def param_shapes(config: Config) -> dict[str, Any]:
         if not c.share_embeddings:
             tree["target_embed"] = {"embedding": (c.vocab_size, d)}
             tree["lm_head"] = {"kernel": (d, c.vocab_size)}
+        if c.final_logits_bias:
+            tree["final_logits_bias"] = (c.vocab_size,)
         tree["encoder"] = {"layers": _stack(c.n_layers, enc)}
         tree["decoder"] = {"layers": _stack(c.decoder_layers, dec)}
         if c.prenorm:  # pre-norm stacks need a norm after the last block
@@ -282,16 +292,23 @@ def param_shapes(config: Config) -> dict[str, Any]:
         return tree
     if isinstance(c, ViTConfig):
         d, e = c.d_model, c.d_model // c.n_heads
-        block = {"attn_norm": _norm(d), "attn": _attention(d, c.n_heads, c.n_heads, e),
-                 "mlp_norm": _norm(d), "mlp": _mlp(d, c.d_ff)}
-        return {
+        attn = _attention(d, c.n_heads, c.n_heads, e)
+        if not c.qkv_bias:
+            for name in ("query", "key", "value"):
+                del attn[name]["bias"]
+        block = {"attn_norm": _norm(d), "attn": attn, "mlp_norm": _norm(d), "mlp": _mlp(d, c.d_ff)}
+        tree = {
             "patch_embed": _linear(c.n_channels * c.patch_size**2, d),
             "cls_token": (d,),
             "position": {"embedding": (c.max_len, d)},
             "layers": _stack(c.n_layers, block),
             "final_norm": _norm(d),
-            "head": _linear(d, c.num_labels),
         }
+        if c.pooler:
+            tree["pooler"] = _linear(d, d)
+        if c.classifier:
+            tree["head"] = _linear(d, c.num_labels)
+        return tree
     raise TypeError(f"not a model config: {type(config).__name__}")
 
 
@@ -331,6 +348,8 @@ _AXIS_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     ("head/kernel", ("embed", "classes")),
     ("head/bias", ("classes",)),
     ("pooler/kernel", ("embed", None)),
+    ("pooler/bias", (None,)),
+    ("final_logits_bias", ("vocab",)),
     ("scale", ("embed",)),
     ("bias", ("embed",)),
     ("cls_token", ("embed",)),

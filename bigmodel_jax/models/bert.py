@@ -93,7 +93,7 @@ def forward(params: Tree, batch: dict[str, Any], config: BertConfig, head: str =
     """Logits of ``head``: "mlm" (B, T, V), "sequence_classification" (B, C),
     "token_classification" (B, T, C), "question_answering" (B, T, 2) (start = [..., 0],
     end = [..., 1]); "base" gives ``(last_hidden_state (B, T, D), pooler_output (B, D))``."""
-    check_params(params, head)
+    check_params(params, head, config)
     h = hidden_states(params, batch, config)
     if head == "mlm":
         p = params["mlm"]
@@ -104,6 +104,8 @@ def forward(params: Tree, batch: dict[str, Any], config: BertConfig, head: str =
         return linear(params["classifier"], h)
     if head == "question_answering":
         return linear(params["qa"], h)
+    if head == "base" and not config.pooler:
+        return h, None
     pooled = pooler(params, h)
     if head == "base":
         return h, pooled
@@ -135,7 +137,7 @@ def loss_and_grad(
 ) -> tuple[jax.Array, Tree]:
     """(loss, grads) by ``jax.grad``, jit-compiled with ``config`` and ``head`` static; the batch
     is checked (values included) before tracing. Batch keys other than ``BATCH_KEYS`` are dropped."""
-    check_params(params, head)
+    check_params(params, head, config)
     check_batch(batch, config, head, with_labels=True)
     batch = {k: batch[k] for k in BATCH_KEYS if batch.get(k) is not None}
     return _loss_and_grad(params, batch, config, head)

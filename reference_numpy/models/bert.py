@@ -38,8 +38,9 @@ Parameter tree: ``configs.param_shapes(config)`` (embeddings, L-stacked post-nor
 pooler; exactly HF's ``BertModel``) plus the head's leaves from ``head_shapes``:
 ``mlm: {transform: linear (D, D), norm: layer norm (D,), bias: (V,)}``,
 ``classifier: linear (D, C)`` (both classification heads), ``qa: linear (D, 2)``.
-The pooler is always in the tree (the tree is one per family); heads that do not read it
-("mlm", "token_classification", "question_answering") give it an exact zero gradient.
+The pooler is in the tree when ``config.pooler`` (the default, as HF's ``BertModel``); HF's
+masked-LM, token-classification and QA models have none (``pooler=False``; "base" then returns
+``pooler_output=None``). Heads that do not read a present pooler give it an exact zero gradient.
 
 * ``token_type_ids`` default to zeros; ``attention_mask`` (B, T), 1 = attend, defaults to all
   ones. A query row whose keys are all padding gets zero attention weights (HF gives it a
@@ -147,12 +148,16 @@ def block_spec(config: BertConfig) -> BlockSpec:
                      causal=False)
 
 
-def check_params(params: Tree, head: str) -> None:
-    """The tree holds the encoder and the head's subtree (keys only; works on JAX tracers)."""
+def check_params(params: Tree, head: str, config: BertConfig | None = None) -> None:
+    """The tree holds the encoder and the head's subtree (keys only; works on JAX tracers).
+    The pooler is required when ``config.pooler`` (and for sequence classification, which reads it)."""
     check_head(head)
     if not isinstance(params, dict):
         raise ValueError(f"params must be a dict tree, got {type(params).__name__}")
-    need = ["embeddings", "layers", "pooler"] + ([HEAD_PARAM_KEY[head]] if HEAD_PARAM_KEY[head] else [])
+    if head == "sequence_classification" and config is not None and not config.pooler:
+        raise ValueError("the sequence-classification head reads the pooler: set BertConfig(pooler=True)")
+    pooler = ["pooler"] if config is None or config.pooler else []
+    need = ["embeddings", "layers", *pooler] + ([HEAD_PARAM_KEY[head]] if HEAD_PARAM_KEY[head] else [])
     missing = [k for k in need if k not in params]
     if missing:
         raise ValueError(
@@ -246,6 +251,8 @@ def _head_forward(params: Tree, h: np.ndarray, config: BertConfig, head: str) ->
         return linear_forward(params["classifier"], h)  # (B, T, C)
     if head == "question_answering":
         return linear_forward(params["qa"], h)  # (B, T, 2)
+    if head == "base" and not config.pooler:
+        return (h, None), (None, None)
     pooled, c_pool = linear_forward(params["pooler"], h[:, 0], "tanh")  # (B, D)
     if head == "base":
         return (h, pooled), (c_pool, None)
@@ -257,7 +264,7 @@ def forward_with_cache(
     params: Tree, batch: dict[str, Any], config: BertConfig, head: str = "mlm"
 ) -> tuple[Any, Any]:
     """The head's output (see the module docstring) and everything backward needs."""
-    check_params(params, head)
+    check_params(params, head, config)
     check_batch(batch, config, head)
     ids = np.asarray(batch["input_ids"])
     mask = batch.get("attention_mask")
@@ -307,7 +314,7 @@ def backward(params: Tree, cache: Any, dlogits: Any, config: BertConfig, head: s
     if cache["head"] != head:
         raise ValueError(f"cache was made for head {cache['head']!r}, not {head!r}")
     B, T, D = cache["h_shape"]
-    dtype = params["pooler"]["kernel"].dtype
+    dtype = params["embeddings"]["word"]["embedding"].dtype
     grads = tree_zeros_like(params)  # start from zeros: a leaf the head never reads (the pooler) stays 0
     g_decoder = None
     dpooled = None
@@ -335,7 +342,7 @@ def backward(params: Tree, cache: Any, dlogits: Any, config: BertConfig, head: s
         _, c_cls = c_head
         dpooled, grads["classifier"] = linear_backward(params["classifier"], c_cls, dlogits)
         dh = np.zeros((B, T, D), dtype)
-    if dpooled is not None:  # pooler reads token 0 only
+    if dpooled is not None and config.pooler:  # pooler reads token 0 only
         c_pool, _ = c_head
         dcls, grads["pooler"] = linear_backward(params["pooler"], c_pool, dpooled)
         dh = dh.copy()

@@ -1,0 +1,121 @@
+"""BERT: HF ``BertModel`` / ``BertFor{MaskedLM,SequenceClassification,TokenClassification,
+QuestionAnswering}`` <-> our BERT tree. The one place BERT's HF names are translated."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bigmodel_port.hf.common import ACTIVATIONS_TO_HF, activation_from_hf, dtype_from_hf, merge_hf
+from bigmodel_port.hf.common import num_labels_from_hf, require, unsupported
+from bigmodel_port.hf.mapping import Mapping, Rule
+from reference_numpy.configs import BertConfig
+
+MODEL_TYPE = "bert"
+FAMILY = "bert"
+
+# HF class -> our task (the BERT head of reference_numpy.models.bert)
+ARCHITECTURES = {
+    "BertModel": "base",
+    "BertForMaskedLM": "mlm",
+    "BertForSequenceClassification": "sequence_classification",
+    "BertForTokenClassification": "token_classification",
+    "BertForQuestionAnswering": "question_answering",
+}
+# transformers builds these two heads with a pooler (add_pooling_layer=True), the others without
+_WITH_POOLER = ("BertModel", "BertForSequenceClassification")
+
+
+def head_of(architecture: str) -> str:
+    return ARCHITECTURES[architecture]
+
+
+def config_from_hf(hf: dict[str, Any], architecture: str) -> BertConfig:
+    """Our config for an HF BERT ``config.json`` dict; features we do not implement are refused."""
+    mt = MODEL_TYPE
+    unsupported(hf, "position_embedding_type", ("absolute",), "absolute", mt)
+    unsupported(hf, "is_decoder", (False,), False, mt)
+    unsupported(hf, "add_cross_attention", (False,), False, mt)
+    return BertConfig(
+        n_layers=require(hf, "num_hidden_layers", model_type=mt),
+        d_model=require(hf, "hidden_size", model_type=mt),
+        n_heads=require(hf, "num_attention_heads", model_type=mt),
+        d_ff=require(hf, "intermediate_size", model_type=mt),
+        vocab_size=require(hf, "vocab_size", model_type=mt),
+        max_len=require(hf, "max_position_embeddings", 512, model_type=mt),
+        type_vocab_size=require(hf, "type_vocab_size", 2, model_type=mt),
+        dropout=float(require(hf, "hidden_dropout_prob", 0.1, model_type=mt)),
+        norm_eps=float(require(hf, "layer_norm_eps", 1e-12, model_type=mt)),
+        activation=activation_from_hf(require(hf, "hidden_act", "gelu", model_type=mt), "hidden_act"),
+        num_labels=num_labels_from_hf(hf),
+        pooler=architecture in _WITH_POOLER,
+        dtype=dtype_from_hf(hf),
+    )
+
+
+def config_to_hf(config: BertConfig, architecture: str, base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The HF ``config.json`` dict for ``config`` (fields of ``base`` we do not model are kept)."""
+    c = config
+    out = merge_hf(base, {
+        "model_type": MODEL_TYPE, "architectures": [architecture],
+        "num_hidden_layers": c.n_layers, "hidden_size": c.d_model, "num_attention_heads": c.n_heads,
+        "intermediate_size": c.d_ff, "vocab_size": c.vocab_size, "max_position_embeddings": c.max_len,
+        "type_vocab_size": c.type_vocab_size, "hidden_dropout_prob": c.dropout,
+        "attention_probs_dropout_prob": (base or {}).get("attention_probs_dropout_prob", c.dropout),
+        "layer_norm_eps": c.norm_eps, "hidden_act": ACTIVATIONS_TO_HF[c.activation],
+        "position_embedding_type": "absolute", "dtype": c.dtype,
+    })
+    if ARCHITECTURES[architecture] in ("sequence_classification", "token_classification"):
+        labels = (base or {}).get("id2label")
+        if not labels or len(labels) != c.num_labels:
+            out["id2label"] = {str(i): f"LABEL_{i}" for i in range(c.num_labels)}
+            out["label2id"] = {f"LABEL_{i}": i for i in range(c.num_labels)}
+    return out
+
+
+def _linear(ours: str, hf: str, bias: bool = True, kind: str = "linear") -> list[Rule]:
+    rules = [Rule(f"{ours}/kernel", f"{hf}.weight", kind)]
+    if bias:
+        rules.append(Rule(f"{ours}/bias", f"{hf}.bias", "reshape"))
+    return rules
+
+
+def _norm(ours: str, hf: str) -> list[Rule]:
+    return [Rule(f"{ours}/scale", f"{hf}.weight"), Rule(f"{ours}/bias", f"{hf}.bias")]
+
+
+def mapping(config: BertConfig, architecture: str) -> Mapping:
+    """The name table of ``architecture`` for ``config``."""
+    head = ARCHITECTURES[architecture]
+    p = "" if architecture == "BertModel" else "bert."
+    layer = f"{p}encoder.layer.{{i}}"
+    rules = [
+        Rule("embeddings/word/embedding", f"{p}embeddings.word_embeddings.weight"),
+        Rule("embeddings/position/embedding", f"{p}embeddings.position_embeddings.weight"),
+        Rule("embeddings/token_type/embedding", f"{p}embeddings.token_type_embeddings.weight"),
+        *_norm("embeddings/norm", f"{p}embeddings.LayerNorm"),
+        *_linear("layers/attn/query", f"{layer}.attention.self.query"),
+        *_linear("layers/attn/key", f"{layer}.attention.self.key"),
+        *_linear("layers/attn/value", f"{layer}.attention.self.value"),
+        *_linear("layers/attn/out", f"{layer}.attention.output.dense", kind="linear_out"),
+        *_norm("layers/attn_norm", f"{layer}.attention.output.LayerNorm"),
+        *_linear("layers/mlp/up", f"{layer}.intermediate.dense"),
+        *_linear("layers/mlp/down", f"{layer}.output.dense"),
+        *_norm("layers/mlp_norm", f"{layer}.output.LayerNorm"),
+    ]
+    if config.pooler:
+        rules += _linear("pooler", f"{p}pooler.dense")
+    if head == "mlm":
+        rules += [
+            *_linear("mlm/transform", "cls.predictions.transform.dense"),
+            *_norm("mlm/norm", "cls.predictions.transform.LayerNorm"),
+            Rule("mlm/bias", "cls.predictions.bias"),
+            # the decoder is the word embedding (tied) and its bias is cls.predictions.bias
+            Rule("embeddings/word/embedding", "cls.predictions.decoder.weight",
+                 tied_to=f"{p}embeddings.word_embeddings.weight"),
+            Rule("mlm/bias", "cls.predictions.decoder.bias", tied_to="cls.predictions.bias"),
+        ]
+    elif head in ("sequence_classification", "token_classification"):
+        rules += _linear("classifier", "classifier")
+    elif head == "question_answering":
+        rules += _linear("qa", "qa_outputs")
+    return Mapping(rules, ignore=(r"(bert\.)?embeddings\.position_ids",), prefix="bert.")
