@@ -252,24 +252,30 @@ def _write_npz(f: IO[bytes], arrays: Mapping[str, np.ndarray]) -> None:
                 np.lib.format.write_array(member, a, allow_pickle=False)
 
 
-def save_npz(path: str | os.PathLike[str], tree: Tree, config: Config | None = None) -> Path:
+def save_npz(path: str | os.PathLike[str], tree: Tree, config: Config | None = None, *,
+             extra_metadata: Mapping[str, str] | None = None) -> Path:
     """Atomically write ``tree`` (and ``config``, if given) to the ``.npz`` file ``path``
-    (used as given: no ``.npz`` suffix is added). Returns ``path`` as a Path."""
+    (used as given: no ``.npz`` suffix is added). ``extra_metadata``: string entries kept with
+    it, as in :func:`save_native`. Returns ``path`` as a Path."""
     flat = {k: _npz_storable(k, a) for k, a in flatten_tree(tree).items()}
     if _NPZ_META_KEY in flat:
         raise ValueError(f"{_NPZ_META_KEY!r} is reserved for the file's metadata")
     meta: dict[str, Any] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
     if config is not None:
         meta.update(_config_metadata(config))
+    for key, value in (extra_metadata or {}).items():
+        if key in meta or key in _RESERVED_KEYS:
+            raise ValueError(f"extra_metadata may not set the reserved key {key!r}")
+        meta[key] = str(value)
     flat[_NPZ_META_KEY] = np.array(json.dumps(meta, sort_keys=True))  # 0-d unicode, no pickle
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write(path, lambda f: _write_npz(f, flat))
 
 
-def load_npz(path: str | os.PathLike[str]) -> tuple[Tree, Config | None]:
-    """``(tree, config)`` of a file written by :func:`save_npz`; ``config`` is None if none was
-    saved. Never unpickles. Raises :class:`CheckpointError` naming the file if it is corrupt,
+def load_npz(path: str | os.PathLike[str]) -> tuple[Tree, Config | None, dict[str, Any]]:
+    """``(tree, config, metadata)`` of a file written by :func:`save_npz`; ``config`` is None if
+    none was saved. Never unpickles. Raises :class:`CheckpointError` naming the file if it is corrupt,
     not ours, or from a newer format version."""
     path = Path(path)
     try:
@@ -301,4 +307,4 @@ def load_npz(path: str | os.PathLike[str]) -> tuple[Tree, Config | None]:
     if "config_class" in meta:
         config = _config_from_metadata(meta["config_class"], meta.get("config"),
                                        meta.get("family"), path)
-    return _unflatten_file(flat, path), config
+    return _unflatten_file(flat, path), config, meta

@@ -582,12 +582,12 @@ def test_npz_round_trip(tmp_path):
     tree["file"] = {"allow_pickle": np.arange(3)}  # names np.savez's own parameters use
     tree["scalar"] = np.array(1.5)
     path = save_npz(tmp_path / "t.npz", tree, config)
-    loaded, cfg = load_npz(path)
+    loaded, cfg, _ = load_npz(path)
     assert cfg == config
     _assert_tree_equal(loaded, tree)
 
     path2 = save_npz(tmp_path / "noconf.npz", {"bf": jnp.full((2,), 0.5, jnp.bfloat16)})
-    loaded2, cfg2 = load_npz(path2)
+    loaded2, cfg2, _ = load_npz(path2)
     assert cfg2 is None
     assert loaded2["bf"].dtype == np.float32 and loaded2["bf"].tolist() == [0.5, 0.5]
 
