@@ -35,6 +35,7 @@ def block_spec(config: GPTConfig) -> BlockSpec:
         prenorm=True, norm=config.norm, norm_eps=config.norm_eps, activation=config.activation,
         gated_mlp=config.gated_mlp, causal=True,
         rope_theta=config.rope_theta if config.positions == "rope" else None,
+        rope_layout=config.rope_layout,
     )
 
 
@@ -49,8 +50,8 @@ def _norm(config: GPTConfig):
     return rms_norm_forward, rms_norm_backward
 
 
-def forward_with_cache(params: Tree, batch: dict[str, Any], config: GPTConfig) -> tuple[np.ndarray, Any]:
-    """Logits (B, T, V) and everything backward needs."""
+def _trunk_with_cache(params: Tree, batch: dict[str, Any], config: GPTConfig) -> tuple[np.ndarray, Any]:
+    """Final-norm hidden states (B, T, D) and the trunk's caches (everything but the head)."""
     require_keys(batch, ["input_ids"], "gpt")
     ids, mask = check_token_batch(batch, "input_ids", config.vocab_size, config.max_len)
     B, T = ids.shape
@@ -68,6 +69,18 @@ def forward_with_cache(params: Tree, batch: dict[str, Any], config: GPTConfig) -
         c_blocks.append(c)
     norm_fwd, _ = _norm(config)
     h, c_norm = norm_fwd(params["final_norm"], x, eps=config.norm_eps)
+    return h, (c_embed, c_pos, c_blocks, c_norm)
+
+
+def hidden_states(params: Tree, batch: dict[str, Any], config: GPTConfig) -> np.ndarray:
+    """input_ids (B, T) [, attention_mask (B, T)] -> final-norm hidden states (B, T, D)
+    (HF's base-model ``last_hidden_state``); the twin of ``bigmodel_jax.models.gpt.hidden_states``."""
+    return _trunk_with_cache(params, batch, config)[0]
+
+
+def forward_with_cache(params: Tree, batch: dict[str, Any], config: GPTConfig) -> tuple[np.ndarray, Any]:
+    """Logits (B, T, V) and everything backward needs."""
+    h, (c_embed, c_pos, c_blocks, c_norm) = _trunk_with_cache(params, batch, config)
     if config.tie_embeddings:
         logits, c_head = embedding_attend(params["embed"], h)
     else:
