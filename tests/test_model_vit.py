@@ -42,6 +42,10 @@ def vit_variants(draw) -> dict:
         "image_size": patch * draw(st.sampled_from([2, 3, 1])),  # a 2x2, 3x3 or 1x1 patch grid
         "n_channels": draw(st.sampled_from([1, 3])),
         "num_labels": draw(st.integers(2, 7)),
+        # HF's variants: ViTModel (no head, tanh pooler), qkv_bias=False checkpoints
+        "qkv_bias": draw(st.booleans()),
+        "pooler": draw(st.booleans()),
+        "classifier": draw(st.booleans()),
     }
 
 
@@ -53,20 +57,74 @@ def vit_variants(draw) -> dict:
 def test_reference_matches_jax_logits_and_every_gradient(dtype, v, batch, seed):
     data = vit_case(np.random.default_rng(seed), dtype, batch=batch, **v)
     rows = compare(data, dtype, seed=seed)
-    assert {r.quantity for r in rows} >= {"output", "d/pixel_values", "d/params/cls_token",
-                                          "d/params/patch_embed/kernel", "d/params/head/kernel"}
+    want = {"output", "d/pixel_values", "d/params/cls_token", "d/params/patch_embed/kernel"}
+    want |= {"d/params/head/kernel"} if v["classifier"] else set()
+    want |= {"d/params/pooler/kernel"} if v["pooler"] else set()
+    want |= {"d/params/layers/attn/query/bias"} if v["qkv_bias"] else set()
+    names = {r.quantity for r in rows}
+    assert names >= want, want - names
+    assert v["qkv_bias"] or not any(n.endswith(("query/bias", "key/bias", "value/bias")) for n in names)
     assert all(r.passed for r in rows), format_rows(f"vit {v} {np.dtype(dtype).name}", rows)
 
 
 @pytest.mark.parametrize("overrides", [
     {"n_layers": 1},
     {"n_layers": 1, "n_channels": 3, "patch_size": 2, "image_size": 4, "n_heads": 2, "d_model": 8, "d_ff": 8},
+    # HF ViTModel without q/k/v biases: the pooler path (and the encode backward)
+    {"n_layers": 1, "classifier": False, "pooler": True, "qkv_bias": False},
 ])
 def test_whole_model_backward_matches_finite_differences(overrides):
     data = vit_case(np.random.default_rng(0), np.float64, "vit-tiny", **overrides)
     report = gradcheck_case(data, seed=1)
     assert report.ok, str(report)
-    assert any(r.name == "inputs/pixel_values" for r in report.rows)
+    names = {r.name for r in report.rows}
+    assert "inputs/pixel_values" in names
+    if overrides.get("pooler"):
+        assert {"params/pooler/kernel", "params/pooler/bias"} <= names
+
+
+def test_options_shape_the_tree_and_unread_leaves_get_zero_gradients():
+    """qkv_bias / pooler / classifier add or drop exactly their leaves; the logits do not read the
+    pooler and the base outputs do not read the head (HF reads h[:, 0] for both), so each gets
+    an exact zero gradient; a head-less model refuses ``forward`` and names the way out."""
+    config = dataclasses.replace(preset("vit-tiny"), dtype="float64", n_layers=1)
+    rng = np.random.default_rng(0)
+    px = rng.standard_normal((2, 1, 8, 8))
+    both = dataclasses.replace(config, pooler=True, qkv_bias=False)
+    params = rvit.init(both, rng)
+    assert "bias" not in params["layers"]["attn"]["query"] and "bias" in params["layers"]["attn"]["out"]
+    assert {"pooler", "head"} <= params.keys()
+    logits, cache = rvit.forward_with_cache(params, {"pixel_values": px}, both)
+    grads = rvit.backward(params, cache, np.ones_like(logits), both)
+    np.testing.assert_array_equal(grads["pooler"]["kernel"], 0.0)
+    (h, pooled), cache = rvit.encode_with_cache(params, {"pixel_values": px}, both)
+    grads = rvit.encode_backward(params, cache, (None, np.ones_like(pooled)), both)
+    np.testing.assert_array_equal(grads["head"]["kernel"], 0.0)
+    assert np.abs(grads["pooler"]["kernel"]).max() > 0
+    np.testing.assert_array_equal(rvit.hidden_states(params, {"pixel_values": px}, both), h)
+    np.testing.assert_array_equal(rvit.pooler_output(params, h), pooled)
+    # a zero-bias reference equals the bias-free model (qkv_bias=False is "no bias", not another model)
+    with_bias = dataclasses.replace(both, qkv_bias=True)
+    p_bias = {**params, "layers": {**params["layers"], "attn": {
+        n: {**v, "bias": np.zeros(v["kernel"].shape[1:])} if n != "out" else v
+        for n, v in params["layers"]["attn"].items()}}}
+    np.testing.assert_array_equal(rvit.hidden_states(p_bias, {"pixel_values": px}, with_bias), h)
+
+    base = dataclasses.replace(config, classifier=False, pooler=True)
+    p_base = rvit.init(base, rng)
+    assert "head" not in p_base
+    for impl, tree in (("reference", p_base), ("jax", to_jax(p_base))):
+        mod = rvit if impl == "reference" else jvit
+        with pytest.raises(ValueError, match="no classification head .* use hidden_states"):
+            mod.forward(tree, {"pixel_values": px}, base)
+        with pytest.raises(ValueError, match=r"missing \['pooler'\]"):
+            mod.hidden_states({k: v for k, v in tree.items() if k != "pooler"}, {"pixel_values": px}, base)
+    with pytest.raises(ValueError, match="no classification head"):
+        rvit.loss_and_grad(p_base, {"pixel_values": px, "labels": np.array([0, 1])}, base)
+    with pytest.raises(ValueError, match=r"unexpected \['head'\]"):
+        rvit.hidden_states(params, {"pixel_values": px}, dataclasses.replace(both, classifier=False))
+    with pytest.raises(ValueError, match="params have no pooler"):
+        rvit.pooler_output(rvit.init(config, rng), h)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -214,6 +272,27 @@ def test_flax_module_builds_the_reference_tree_and_matches_forward():
     want = rvit.forward(params, {"pixel_values": px}, config)
     max_abs, rel = normwise_error(got, want)
     assert tolerance_for(MODEL_PARITY, np.float64).passes(max_abs, rel), (max_abs, rel)
+
+
+def test_flax_module_without_head_returns_hf_vitmodel_outputs():
+    """classifier=False, pooler=True, qkv_bias=False (HF ViTModel of a bias-free checkpoint):
+    ``init`` builds exactly that tree and ``apply`` gives (last_hidden_state, pooler_output)."""
+    config = dataclasses.replace(preset("vit-tiny"), dtype="float64", n_layers=1, classifier=False,
+                                 pooler=True, qkv_bias=False)
+    rng = np.random.default_rng(0)
+    px = rng.standard_normal((2, 1, 8, 8))
+    model = jvit.ViT(config)
+    variables = jax.jit(lambda key: model.init(key, method=jvit.ViT.params))(jax.random.key(0, impl="rbg"))
+    leaves = dict(tree_leaves_with_path(to_numpy(variables["params"])))
+    assert {k: v.shape for k, v in leaves.items()} == dict(tree_leaves_with_path(param_shapes(config)))
+    assert "pooler/kernel" in leaves and not any(k.startswith("head/") for k in leaves)
+    params = rvit.init(config, rng)
+    h, pooled = jax.jit(model.apply)({"params": to_jax(params)}, px)
+    (want_h, want_pooled), _ = rvit.encode_with_cache(params, {"pixel_values": px}, config)
+    tol = tolerance_for(MODEL_PARITY, np.float64)
+    for got, want in ((h, want_h), (pooled, want_pooled)):
+        assert tol.passes(*normwise_error(np.asarray(got), want))
+    assert h.shape == (2, config.max_len, config.d_model) and pooled.shape == (2, config.d_model)
 
 
 @pytest.mark.parametrize("impl", ["reference", "jax"])

@@ -27,7 +27,8 @@ from bigmodel_jax.losses import cross_entropy
 from bigmodel_jax.models.common import init as _init
 from bigmodel_jax.models.common import subtree_init
 from reference_numpy.configs import ViTConfig, param_shapes
-from reference_numpy.models.vit import block_spec, check_labels, check_pixels
+from reference_numpy.models.vit import block_params, block_spec, check_labels, check_params, check_pixels
+from reference_numpy.models.vit import no_classifier_error
 from reference_numpy.tree import tree_map
 
 Tree = dict[str, Any]
@@ -55,7 +56,9 @@ def patch_embed(params: Tree, pixel_values: jax.Array, patch_size: int) -> jax.A
 
 
 def hidden_states(params: Tree, batch: dict[str, Any], config: ViTConfig) -> jax.Array:
-    """pixel_values (B, C, H, W) -> final-norm hidden states (B, N + 1, D); token 0 is the class token."""
+    """pixel_values (B, C, H, W) -> last_hidden_state (B, N + 1, D) after the final LayerNorm;
+    token 0 is the class token (HF's ``last_hidden_state``)."""
+    check_params(params, config)
     px = check_pixels(batch, config, params["patch_embed"]["kernel"].dtype)
     B = px.shape[0]
     tokens = patch_embed(params["patch_embed"], px, config.patch_size)  # (B, N, D)
@@ -65,14 +68,34 @@ def hidden_states(params: Tree, batch: dict[str, Any], config: ViTConfig) -> jax
     spec = block_spec(config)
 
     def layer(h: jax.Array, p: Tree) -> tuple[jax.Array, None]:
-        return block(p, h, spec), None
+        return block(block_params(p, config), h, spec), None  # zero q/k/v biases if qkv_bias=False
 
     x, _ = jax.lax.scan(layer, x, params["layers"])
     return layer_norm(params["final_norm"], x, config.norm_eps)
 
 
+def pooler_output(params: Tree, h: jax.Array) -> jax.Array:
+    """last_hidden_state (B, N + 1, D) -> pooler_output (B, D) = tanh(h[:, 0] W_pool + b_pool)."""
+    if "pooler" not in params:
+        raise ValueError("params have no pooler (config.pooler=False); HF ViTModel has one by default")
+    return linear(params["pooler"], h[:, 0], "tanh")
+
+
+def encode(params: Tree, batch: dict[str, Any], config: ViTConfig) -> tuple[jax.Array, jax.Array | None]:
+    """HF ``ViTModel``'s outputs: ``(last_hidden_state (B, N + 1, D), pooler_output (B, D))``;
+    pooler_output is None when ``config.pooler`` is False."""
+    h = hidden_states(params, batch, config)
+    return h, (pooler_output(params, h) if config.pooler else None)
+
+
+jit_encode = jax.jit(encode, static_argnames="config")
+
+
 def forward(params: Tree, batch: dict[str, Any], config: ViTConfig) -> jax.Array:
-    """Class logits (B, num_labels) from the class token."""
+    """Class logits (B, num_labels) from the class token of the last hidden state (as HF's
+    ``ViTForImageClassification``: not from the pooler). Needs ``config.classifier``."""
+    if not config.classifier:
+        raise no_classifier_error(config)
     h = hidden_states(params, batch, config)
     return linear(params["head"], h[:, 0])
 
@@ -102,11 +125,14 @@ def loss_and_grad(params: Tree, batch: dict[str, Any], config: ViTConfig) -> tup
 
 class ViT(nn.Module):
     """Flax linen ViT whose ``variables["params"]`` is exactly the reference tree
-    (``param_shapes(config)``, ``init_rule`` initialisation); ``apply`` calls ``forward``.
+    (``param_shapes(config)``, ``init_rule`` initialisation). ``apply`` gives the logits when
+    ``config.classifier`` (HF ``ViTForImageClassification``), else ``encode``'s pair
+    ``(last_hidden_state, pooler_output or None)`` (HF ``ViTModel``); ``method=ViT.encode``
+    gives that pair for any config.
 
     Each top-level entry (``patch_embed``, ``cls_token``, ``position``, ``layers`` (L-stacked),
-    ``final_norm``, ``head``) is one ``self.param`` holding its subtree, so the tree nests with no
-    renaming. ``model.init(key, method=ViT.params)`` builds the parameters without running a
+    ``final_norm``, and ``pooler`` / ``head`` when configured) is one ``self.param`` holding its
+    subtree, so the tree nests with no renaming. ``model.init(key, method=ViT.params)`` builds the parameters without running a
     forward pass; ``model.init(key, pixel_values)`` works as usual.
     """
 
@@ -120,6 +146,13 @@ class ViT(nn.Module):
         """The parameter tree (for ``init(..., method=ViT.params)``)."""
         return unfreeze(self._tree)  # setup freezes dict attributes; the layers expect plain dicts
 
-    def __call__(self, pixel_values: jax.Array) -> jax.Array:
-        """pixel_values (B, C, H, W) -> class logits (B, num_labels)."""
+    def encode(self, pixel_values: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+        """pixel_values (B, C, H, W) -> (last_hidden_state (B, N + 1, D), pooler_output (B, D) or None)."""
+        return encode(self.params(), {"pixel_values": pixel_values}, self.config)
+
+    def __call__(self, pixel_values: jax.Array) -> Any:
+        """pixel_values (B, C, H, W) -> class logits (B, num_labels) with ``config.classifier``,
+        else ``(last_hidden_state, pooler_output or None)``."""
+        if not self.config.classifier:
+            return self.encode(pixel_values)
         return forward(self.params(), {"pixel_values": pixel_values}, self.config)

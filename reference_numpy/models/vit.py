@@ -9,9 +9,18 @@ p / q index a pixel's row / column inside its patch (p = q = patch_size).
     x       = patches W_patch + b_patch                               (B, N, D)
     x       = [cls; x] + P_pos[0..N]                                  (B, N + 1, D)
     x       = block_l(x)   l = 1..L   (pre-norm, bidirectional, LayerNorm, erf GELU MLP)
-    h       = norm_f(x)                                               (B, N + 1, D)
-    logits  = h[:, 0] W_head + b_head                                 (B, num_labels)
+    h       = norm_f(x)                  last_hidden_state            (B, N + 1, D)
+    pooled  = tanh(h[:, 0] W_pool + b_pool)  pooler_output            (B, D)   config.pooler
+    logits  = h[:, 0] W_head + b_head                                 (B, num_labels)   config.classifier
     loss    = CE(logits, labels)                                      labels (B,) in [0, num_labels)
+
+Options (``ViTConfig``), as HF: ``qkv_bias=False`` drops the query / key / value biases (the
+output projection keeps its bias); ``pooler`` adds the tanh pooler of HF ``ViTModel``
+(``pooler_output``); ``classifier=False`` drops the head (HF ``ViTModel``). As in HF's
+``ViTForImageClassification``, the head reads the class token of ``h``, never the pooler.
+Entry points: ``forward`` / ``forward_with_cache`` / ``backward`` / ``loss_and_grad`` for the
+logits; ``hidden_states``, ``pooler_output`` and ``encode_with_cache`` / ``encode_backward``
+(cotangent pair ``(d last_hidden_state, d pooler_output)``) for HF ``ViTModel``'s outputs.
 
 Patch order (the HF porting table relies on it). Patch ``n = i * (W / p) + j`` is the one at
 patch row ``i``, patch column ``j`` (row-major over the grid, as HF's
@@ -36,7 +45,9 @@ HF ViT checkpoint names: ``embeddings.patch_embeddings.projection.weight`` -> ``
 * Initialisation: ``models.common.init_rule`` (norm scales 1, biases and the class token 0,
   other leaves N(0, 0.02), residual-writing projections N(0, 0.02 / sqrt(2 L))).
 
-Backward: the class token's gradient is ``dx[:, 0]`` summed over the batch; the positions get
+Backward: the pooler's input gradient is added to ``dh[:, 0]``; a leaf the requested outputs do
+not read (the pooler for logits, the head for ``encode``) gets an exact zero gradient. The class
+token's gradient is ``dx[:, 0]`` summed over the batch; the positions get
 ``dx`` summed over the batch; the patch gradient ``dx[:, 1:]`` runs back through the linear map
 and is folded back to pixels by the inverse rearrangement (each pixel belongs to exactly one
 patch, so no accumulation is needed).
@@ -56,7 +67,7 @@ from reference_numpy.layers.linear import linear_backward, linear_forward
 from reference_numpy.layers.norms import layer_norm_backward, layer_norm_forward
 from reference_numpy.losses import cross_entropy_backward, cross_entropy_forward
 from reference_numpy.models.common import init_params, layer, require_keys, stack
-from reference_numpy.tree import Tree
+from reference_numpy.tree import Tree, tree_zeros_like
 
 # --------------------------------------------------------------------------------------------
 # shared with the JAX model: block spec, batch checks, the HF conv kernel layout
@@ -150,6 +161,55 @@ def patch_embed_backward(params: Tree, cache: Any, dy: np.ndarray) -> tuple[np.n
 
 
 # --------------------------------------------------------------------------------------------
+# model options: which leaves the tree has (shared with the JAX model)
+
+_QKV = ("query", "key", "value")
+
+
+def check_params(params: Tree, config: ViTConfig) -> None:
+    """The tree's top-level entries must be those of ``param_shapes(config)``: a ``pooler`` only
+    when ``config.pooler``, a ``head`` only when ``config.classifier`` (runs on tracers too)."""
+    if not isinstance(params, dict):
+        raise ValueError(f"vit params must be a dict tree, got {type(params).__name__}")
+    want = set(param_shapes(config))
+    missing, extra = sorted(want - set(params)), sorted(set(params) - want)
+    if missing or extra:
+        raise ValueError(
+            f"vit params do not fit the config (pooler={config.pooler}, classifier={config.classifier}): "
+            f"missing {missing}, unexpected {extra}"
+        )
+
+
+def block_params(p: Tree, config: ViTConfig) -> Tree:
+    """One layer's params as the block takes them: with ``config.qkv_bias=False`` the query / key /
+    value projections get zero biases (E,) per head (H, E).
+
+    Why: the attention layer takes biases all-or-none, while HF's ``ViTConfig(qkv_bias=False)``
+    keeps the output projection's bias; a zero bias is exactly no bias, and the backward drops
+    its gradient (the tree has no such leaf). Shape-only, so the JAX model uses it under ``jit``.
+    """
+    if config.qkv_bias:
+        return p
+    attn = dict(p["attn"])
+    for name in _QKV:
+        if "bias" in attn[name]:
+            raise ValueError(f"config.qkv_bias=False but params attn/{name} has a bias")
+        k = attn[name]["kernel"]  # (D, H, E)
+        attn[name] = {"kernel": k, "bias": np.zeros(k.shape[1:], k.dtype)}  # (H, E)
+    return {**p, "attn": attn}
+
+
+def no_classifier_error(config: ViTConfig) -> ValueError:
+    """The error for asking a head-less ViT (HF ``ViTModel``) for logits."""
+    return ValueError(
+        "this ViT has no classification head (config.classifier=False, as HF ViTModel): use "
+        "hidden_states(params, batch, config) for last_hidden_state (B, N + 1, D) and "
+        "pooler_output(params, h) for the pooled class token"
+        + ("" if config.pooler else " (config.pooler=True is needed for the latter)")
+    )
+
+
+# --------------------------------------------------------------------------------------------
 # model
 
 
@@ -158,9 +218,8 @@ def init(config: ViTConfig, rng: np.random.Generator) -> Tree:
     return init_params(param_shapes(config), config.n_layers, rng, np.dtype(config.dtype))
 
 
-def forward_with_cache(params: Tree, batch: dict[str, Any], config: ViTConfig) -> tuple[np.ndarray, Any]:
-    """Logits (B, num_labels) and everything backward needs."""
-    px = check_pixels(batch, config, params["patch_embed"]["kernel"].dtype)
+def _trunk_forward(params: Tree, px: np.ndarray, config: ViTConfig) -> tuple[np.ndarray, Any]:
+    """pixel_values (B, C, H, W) -> last_hidden_state (B, N + 1, D) and its cache."""
     B = px.shape[0]
     tokens, c_patch = patch_embed_forward(params["patch_embed"], px, config.patch_size)  # (B, N, D)
     cls = np.broadcast_to(params["cls_token"], (B, 1, config.d_model))
@@ -170,40 +229,121 @@ def forward_with_cache(params: Tree, batch: dict[str, Any], config: ViTConfig) -
     spec = block_spec(config)
     c_blocks = []
     for i in range(config.n_layers):  # a loop over layers, not tokens
-        x, c = block_forward(layer(params["layers"], i), x, spec)
+        x, c = block_forward(block_params(layer(params["layers"], i), config), x, spec)
         c_blocks.append(c)
     h, c_norm = layer_norm_forward(params["final_norm"], x, eps=config.norm_eps)  # (B, N + 1, D)
-    logits, c_head = linear_forward(params["head"], h[:, 0])  # (B, num_labels)
-    return logits, (c_patch, c_pos, c_blocks, c_norm, c_head, h.shape)
+    return h, {"patch": c_patch, "pos": c_pos, "blocks": c_blocks, "norm": c_norm, "h_shape": h.shape}
+
+
+def _trunk_backward(params: Tree, cache: Any, dh: np.ndarray, grads: Tree, config: ViTConfig) -> np.ndarray:
+    """d last_hidden_state (B, N + 1, D) -> d pixel_values (B, C, H, W); the trunk's leaves of
+    ``grads`` are overwritten (the head / pooler leaves are the caller's)."""
+    dx, grads["final_norm"] = layer_norm_backward(params["final_norm"], cache["norm"], dh)
+    layer_grads = []
+    for i in reversed(range(config.n_layers)):
+        dx, g = block_backward(block_params(layer(params["layers"], i), config), cache["blocks"][i], dx)
+        if not config.qkv_bias:  # the zero biases block_params added are not parameters
+            for name in _QKV:
+                del g["attn"][name]["bias"]
+        layer_grads.append(g)
+    grads["layers"] = stack(layer_grads[::-1])
+    _, grads["position"] = position_embedding_backward(params["position"], cache["pos"], dx)  # sums over B
+    grads["cls_token"] = dx[:, 0].sum(axis=0)
+    dpixels, grads["patch_embed"] = patch_embed_backward(params["patch_embed"], cache["patch"], dx[:, 1:])
+    return dpixels
+
+
+def encode_with_cache(
+    params: Tree, batch: dict[str, Any], config: ViTConfig
+) -> tuple[tuple[np.ndarray, np.ndarray | None], Any]:
+    """HF ``ViTModel``'s outputs ``(last_hidden_state (B, N + 1, D), pooler_output (B, D) or None
+    when config.pooler is False)`` and everything ``encode_backward`` needs."""
+    check_params(params, config)
+    px = check_pixels(batch, config, params["patch_embed"]["kernel"].dtype)
+    h, c_trunk = _trunk_forward(params, px, config)
+    pooled, c_pool = linear_forward(params["pooler"], h[:, 0], "tanh") if config.pooler else (None, None)
+    return (h, pooled), {"kind": "encode", "trunk": c_trunk, "pool": c_pool}
+
+
+def hidden_states(params: Tree, batch: dict[str, Any], config: ViTConfig) -> np.ndarray:
+    """pixel_values (B, C, H, W) -> last_hidden_state (B, N + 1, D) after the final LayerNorm;
+    token 0 is the class token (HF's ``last_hidden_state``)."""
+    check_params(params, config)
+    px = check_pixels(batch, config, params["patch_embed"]["kernel"].dtype)
+    return _trunk_forward(params, px, config)[0]
+
+
+def pooler_output(params: Tree, h: np.ndarray) -> np.ndarray:
+    """last_hidden_state (B, N + 1, D) -> pooler_output (B, D) = tanh(h[:, 0] W_pool + b_pool)."""
+    if "pooler" not in params:
+        raise ValueError("params have no pooler (config.pooler=False); HF ViTModel has one by default")
+    check_array("h", h, ("B", "N", params["pooler"]["kernel"].shape[0]), kind="float")
+    return linear_forward(params["pooler"], h[:, 0], "tanh")[0]
+
+
+def encode_backward(
+    params: Tree, cache: Any, douts: tuple[np.ndarray | None, np.ndarray | None], config: ViTConfig,
+    *, return_pixel_grad: bool = False,
+) -> Tree | tuple[Tree, np.ndarray]:
+    """Hand-written backward of ``encode_with_cache`` from the cotangent pair
+    ``(d last_hidden_state (B, N + 1, D), d pooler_output (B, D))`` (either may be None) to a
+    gradient tree shaped like params (a ``head`` the outputs never read gets exact zeros).
+
+    ``return_pixel_grad``: also return d pixel_values (B, C, H, W), as ``(grads, dpixels)``.
+    """
+    if cache.get("kind") != "encode":
+        raise ValueError("cache was made by forward_with_cache (logits); use backward")
+    dh, dpooled = douts
+    h_shape = cache["trunk"]["h_shape"]
+    B, _, D = h_shape
+    dtype = params["patch_embed"]["kernel"].dtype
+    dh = np.zeros(h_shape, dtype) if dh is None else np.array(dh)  # a copy: the pooler adds into it
+    check_array("d last_hidden_state", dh, h_shape, kind="float")
+    grads = tree_zeros_like(params)  # a leaf the outputs never read (the head) stays 0
+    if dpooled is not None:
+        if not config.pooler:
+            raise ValueError("d pooler_output given but config.pooler is False (pooler_output is None)")
+        check_array("d pooler_output", dpooled, (B, D), kind="float")
+        dcls, grads["pooler"] = linear_backward(params["pooler"], cache["pool"], dpooled)
+        dh[:, 0] += dcls  # the pooler reads the class token only
+    dpixels = _trunk_backward(params, cache["trunk"], dh, grads, config)
+    return (grads, dpixels) if return_pixel_grad else grads
+
+
+def forward_with_cache(params: Tree, batch: dict[str, Any], config: ViTConfig) -> tuple[np.ndarray, Any]:
+    """Logits (B, num_labels) and everything backward needs (needs ``config.classifier``)."""
+    if not config.classifier:
+        raise no_classifier_error(config)
+    check_params(params, config)
+    px = check_pixels(batch, config, params["patch_embed"]["kernel"].dtype)
+    h, c_trunk = _trunk_forward(params, px, config)
+    logits, c_head = linear_forward(params["head"], h[:, 0])  # (B, num_labels); HF reads h[:, 0], not the pooler
+    return logits, {"kind": "logits", "trunk": c_trunk, "head": c_head}
 
 
 def forward(params: Tree, batch: dict[str, Any], config: ViTConfig) -> np.ndarray:
-    """Class logits (B, num_labels)."""
+    """Class logits (B, num_labels) (HF ``ViTForImageClassification``); a head-less config
+    (``classifier=False``) raises and points to ``hidden_states`` / ``pooler_output``."""
     return forward_with_cache(params, batch, config)[0]
 
 
 def backward(
     params: Tree, cache: Any, dlogits: np.ndarray, config: ViTConfig, *, return_pixel_grad: bool = False
 ) -> Tree | tuple[Tree, np.ndarray]:
-    """Hand-written backward from dlogits (B, num_labels) to a gradient tree shaped like params.
+    """Hand-written backward from dlogits (B, num_labels) to a gradient tree shaped like params
+    (a ``pooler``, which the logits do not read, gets exact zeros).
 
     ``return_pixel_grad``: also return d pixel_values (B, C, H, W), as ``(grads, dpixels)``.
     """
-    c_patch, c_pos, c_blocks, c_norm, c_head, h_shape = cache
+    if cache.get("kind") != "logits":
+        raise ValueError("cache was made by encode_with_cache; use encode_backward")
+    h_shape = cache["trunk"]["h_shape"]
     check_array("dlogits", dlogits, (h_shape[0], config.num_labels), kind="float")
-    grads: Tree = {}
-    dcls_h, grads["head"] = linear_backward(params["head"], c_head, dlogits)  # (B, D)
+    grads = tree_zeros_like(params)
+    dcls_h, grads["head"] = linear_backward(params["head"], cache["head"], dlogits)  # (B, D)
     dh = np.zeros(h_shape, dlogits.dtype)
     dh[:, 0] = dcls_h  # only the class token reaches the head
-    dx, grads["final_norm"] = layer_norm_backward(params["final_norm"], c_norm, dh)
-    layer_grads = []
-    for i in reversed(range(config.n_layers)):
-        dx, g = block_backward(layer(params["layers"], i), c_blocks[i], dx)
-        layer_grads.append(g)
-    grads["layers"] = stack(layer_grads[::-1])
-    _, grads["position"] = position_embedding_backward(params["position"], c_pos, dx)  # sums over B
-    grads["cls_token"] = dx[:, 0].sum(axis=0)
-    dpixels, grads["patch_embed"] = patch_embed_backward(params["patch_embed"], c_patch, dx[:, 1:])
+    dpixels = _trunk_backward(params, cache["trunk"], dh, grads, config)
     return (grads, dpixels) if return_pixel_grad else grads
 
 

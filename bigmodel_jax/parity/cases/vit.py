@@ -3,6 +3,10 @@
 The cotangent is a random ``dlogits`` (B, num_labels); it reaches the patch tokens only through
 attention, so it exercises every path: head, final norm, each block, positions, class token,
 the patch embedding and its fold back to pixels (``pixel_values`` is a differentiable input).
+
+``head="base"`` (the default for ``classifier=False``, HF ``ViTModel``) compares HF's base
+outputs instead: ``concat([last_hidden_state, pooler_output[:, None]], axis=1)`` (B, N + 2, D)
+(just last_hidden_state without a pooler), so a random cotangent reaches the pooler too.
 """
 
 from __future__ import annotations
@@ -37,27 +41,56 @@ def image_batch(rng: np.random.Generator, config: Any, batch: int, dtype: Any) -
     return rng.standard_normal(shape).astype(dtype)
 
 
-@register("vit", ({"preset": "vit-tiny", "n_layers": 1}, {"preset": "vit-tiny", "n_layers": 2}))
+@register("vit", ({"preset": "vit-tiny", "n_layers": 1}, {"preset": "vit-tiny", "n_layers": 2},
+                  {"preset": "vit-tiny", "n_layers": 1, "classifier": False, "pooler": True, "qkv_bias": False}))
 def vit_case(
-    rng: np.random.Generator, dtype: Any, preset: str = "vit-tiny", *, batch: int = 2, **overrides: Any,
+    rng: np.random.Generator, dtype: Any, preset: str = "vit-tiny", *, batch: int = 2, head: str | None = None,
+    **overrides: Any,
 ) -> CaseData:
+    """``head``: "classifier" (logits) or "base" (last_hidden_state [+ pooler_output]); default
+    "classifier" when the config has one."""
     from bigmodel_jax.models import vit as jvit
     from reference_numpy.models import vit as rvit
 
     config = dataclasses.replace(configs.preset(preset, **overrides), dtype=np.dtype(dtype).name, dropout=0.0)
+    head = head or ("classifier" if config.classifier else "base")
+    if head not in ("classifier", "base"):
+        raise ValueError(f"head must be 'classifier' or 'base', got {head!r}")
     params = perturb_vit_params(rvit.init(config, rng), rng)
     pixels = image_batch(rng, config, batch, dtype)
 
-    def ref_backward(p, cache, dy):
-        grads, dpixels = rvit.backward(p, cache, dy, config, return_pixel_grad=True)
-        return {"pixel_values": dpixels}, grads
+    if head == "classifier":
+        def ref_forward(p, i):
+            return rvit.forward_with_cache(p, {"pixel_values": i["pixel_values"]}, config)
+
+        def ref_backward(p, cache, dy):
+            grads, dpixels = rvit.backward(p, cache, dy, config, return_pixel_grad=True)
+            return {"pixel_values": dpixels}, grads
+
+        def jax_forward(p, i):
+            return jvit.jit_forward(p, {"pixel_values": i["pixel_values"]}, config)
+    else:
+        def ref_forward(p, i):
+            (h, pooled), cache = rvit.encode_with_cache(p, {"pixel_values": i["pixel_values"]}, config)
+            return (h if pooled is None else np.concatenate([h, pooled[:, None]], axis=1)), cache
+
+        def ref_backward(p, cache, dy):
+            douts = (dy, None) if not config.pooler else (dy[:, :-1], dy[:, -1])
+            grads, dpixels = rvit.encode_backward(p, cache, douts, config, return_pixel_grad=True)
+            return {"pixel_values": dpixels}, grads
+
+        def jax_forward(p, i):
+            import jax.numpy as jnp
+
+            h, pooled = jvit.jit_encode(p, {"pixel_values": i["pixel_values"]}, config)
+            return h if pooled is None else jnp.concatenate([h, pooled[:, None]], axis=1)
 
     return CaseData(
         params=params,
         inputs={"pixel_values": pixels},
-        ref_forward=lambda p, i: rvit.forward_with_cache(p, {"pixel_values": i["pixel_values"]}, config),
+        ref_forward=ref_forward,
         ref_backward=ref_backward,
-        jax_forward=lambda p, i: jvit.jit_forward(p, {"pixel_values": i["pixel_values"]}, config),
+        jax_forward=jax_forward,
         tolerances=MODEL_PARITY,
     )
 
