@@ -331,8 +331,8 @@ def _bad_calls():
     gqa_bad["value"]["kernel"] = gqa_bad["value"]["kernel"][:, :2]
     gqa_bad["key"]["bias"] = gqa_bad["key"]["bias"][:2]
     gqa_bad["value"]["bias"] = gqa_bad["value"]["bias"][:2]
-    no_out_bias = {n: dict(q) for n, q in p.items()}
-    del no_out_bias["out"]["bias"]
+    no_value_bias = {n: dict(q) for n, q in p.items()}  # q/k/v biases come together (out is separate)
+    del no_value_bias["value"]["bias"]
     return [
         ("key_padding_mask", p, x, {"key_padding_mask": np.ones((2, 4), bool)}),
         ("key_padding_mask", p, x, {"key_padding_mask": np.ones((2, 3), np.int32)}),
@@ -346,7 +346,7 @@ def _bad_calls():
         ("n_heads", p, x, {"n_heads": 2}),
         ("head_dim", odd, x, {"rope_theta": 1e4}),
         ("rope_theta", p, x, {"rope_theta": 1e4, "kv": x}),
-        ("bias", no_out_bias, x, {}),
+        ("bias", no_value_bias, x, {}),
         ("dtype", p, x.astype(np.float32), {}),
     ]
 

@@ -27,7 +27,7 @@ from bigmodel_jax.losses import cross_entropy
 from bigmodel_jax.models.common import init as _init
 from bigmodel_jax.models.common import subtree_init
 from reference_numpy.configs import ViTConfig, param_shapes
-from reference_numpy.models.vit import block_params, block_spec, check_labels, check_params, check_pixels
+from reference_numpy.models.vit import block_spec, check_labels, check_params, check_pixels
 from reference_numpy.models.vit import no_classifier_error
 from reference_numpy.tree import tree_map
 
@@ -68,7 +68,7 @@ def hidden_states(params: Tree, batch: dict[str, Any], config: ViTConfig) -> jax
     spec = block_spec(config)
 
     def layer(h: jax.Array, p: Tree) -> tuple[jax.Array, None]:
-        return block(block_params(p, config), h, spec), None  # zero q/k/v biases if qkv_bias=False
+        return block(p, h, spec), None
 
     x, _ = jax.lax.scan(layer, x, params["layers"])
     return layer_norm(params["final_norm"], x, config.norm_eps)

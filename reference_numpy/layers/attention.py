@@ -90,14 +90,15 @@ def check_attention_args(
     K = wk.shape[1]
     check_array("params['value']['kernel']", wv, (D, K, E), kind="float")
     check_array("params['out']['kernel']", wo, (H, E, D), kind="float")
-    has_bias = ["bias" in params[n] for n in _PROJECTIONS]
+    # q/k/v biases come together (HF's qkv_bias); the output bias is separate (ViT keeps it alone)
+    has_bias = ["bias" in params[n] for n in _PROJECTIONS[:3]]
     if any(has_bias) and not all(has_bias):
         raise ValueError(
-            "params biases must be all present or all absent, got bias in "
+            "query / key / value biases must be all present or all absent, got bias in "
             f"{[n for n, b in zip(_PROJECTIONS, has_bias) if b]} only"
         )
-    if all(has_bias):
-        for name, shape in zip(_PROJECTIONS, ((H, E), (K, E), (K, E), (D,))):
+    for name, shape in zip(_PROJECTIONS, ((H, E), (K, E), (K, E), (D,))):
+        if "bias" in params[name]:
             check_array(f"params[{name!r}]['bias']", params[name]["bias"], shape)
     if n_heads is not None and n_heads != H:
         raise ValueError(

@@ -163,9 +163,6 @@ def patch_embed_backward(params: Tree, cache: Any, dy: np.ndarray) -> tuple[np.n
 # --------------------------------------------------------------------------------------------
 # model options: which leaves the tree has (shared with the JAX model)
 
-_QKV = ("query", "key", "value")
-
-
 def check_params(params: Tree, config: ViTConfig) -> None:
     """The tree's top-level entries must be those of ``param_shapes(config)``: a ``pooler`` only
     when ``config.pooler``, a ``head`` only when ``config.classifier`` (runs on tracers too)."""
@@ -178,25 +175,6 @@ def check_params(params: Tree, config: ViTConfig) -> None:
             f"vit params do not fit the config (pooler={config.pooler}, classifier={config.classifier}): "
             f"missing {missing}, unexpected {extra}"
         )
-
-
-def block_params(p: Tree, config: ViTConfig) -> Tree:
-    """One layer's params as the block takes them: with ``config.qkv_bias=False`` the query / key /
-    value projections get zero biases (E,) per head (H, E).
-
-    Why: the attention layer takes biases all-or-none, while HF's ``ViTConfig(qkv_bias=False)``
-    keeps the output projection's bias; a zero bias is exactly no bias, and the backward drops
-    its gradient (the tree has no such leaf). Shape-only, so the JAX model uses it under ``jit``.
-    """
-    if config.qkv_bias:
-        return p
-    attn = dict(p["attn"])
-    for name in _QKV:
-        if "bias" in attn[name]:
-            raise ValueError(f"config.qkv_bias=False but params attn/{name} has a bias")
-        k = attn[name]["kernel"]  # (D, H, E)
-        attn[name] = {"kernel": k, "bias": np.zeros(k.shape[1:], k.dtype)}  # (H, E)
-    return {**p, "attn": attn}
 
 
 def no_classifier_error(config: ViTConfig) -> ValueError:
@@ -229,7 +207,7 @@ def _trunk_forward(params: Tree, px: np.ndarray, config: ViTConfig) -> tuple[np.
     spec = block_spec(config)
     c_blocks = []
     for i in range(config.n_layers):  # a loop over layers, not tokens
-        x, c = block_forward(block_params(layer(params["layers"], i), config), x, spec)
+        x, c = block_forward(layer(params["layers"], i), x, spec)
         c_blocks.append(c)
     h, c_norm = layer_norm_forward(params["final_norm"], x, eps=config.norm_eps)  # (B, N + 1, D)
     return h, {"patch": c_patch, "pos": c_pos, "blocks": c_blocks, "norm": c_norm, "h_shape": h.shape}
@@ -241,10 +219,7 @@ def _trunk_backward(params: Tree, cache: Any, dh: np.ndarray, grads: Tree, confi
     dx, grads["final_norm"] = layer_norm_backward(params["final_norm"], cache["norm"], dh)
     layer_grads = []
     for i in reversed(range(config.n_layers)):
-        dx, g = block_backward(block_params(layer(params["layers"], i), config), cache["blocks"][i], dx)
-        if not config.qkv_bias:  # the zero biases block_params added are not parameters
-            for name in _QKV:
-                del g["attn"][name]["bias"]
+        dx, g = block_backward(layer(params["layers"], i), cache["blocks"][i], dx)
         layer_grads.append(g)
     grads["layers"] = stack(layer_grads[::-1])
     _, grads["position"] = position_embedding_backward(params["position"], cache["pos"], dx)  # sums over B
