@@ -32,7 +32,9 @@ variants = st.fixed_dictionaries({
     "prenorm": st.booleans(),
     "share_embeddings": st.booleans(),
     "scale_embeddings": st.booleans(),
-    "activation": st.sampled_from(["relu", "gelu"]),
+    "activation": st.sampled_from(["relu", "gelu", "silu"]),  # silu = Marian's "swish"
+    "position_layout": st.sampled_from(["interleaved", "concat"]),  # the paper's / Marian's
+    "final_logits_bias": st.booleans(),
 })
 
 
@@ -55,7 +57,9 @@ def test_reference_matches_jax_logits_and_every_gradient(v, dtype, pad, decoder_
 @pytest.mark.parametrize("overrides", [
     {"pad": True, "decoder_pad": True},  # post-norm, shared embeddings, 2 decoder layers
     {"prenorm": True, "share_embeddings": False, "n_kv_heads": 2, "pad": True, "activation": "gelu"},
-], ids=["postnorm-shared", "prenorm-untied"])
+    # Marian: concat positions, swish, the learned logits bias (its gradient: dlogits summed)
+    {"pad": True, "position_layout": "concat", "final_logits_bias": True, "activation": "silu"},
+], ids=["postnorm-shared", "prenorm-untied", "marian-options"])
 def test_whole_model_backward_matches_finite_differences(overrides):
     # Two decoder layers: the encoder output's gradient is the sum over both cross-attentions.
     data = seq2seq_case(np.random.default_rng(0), np.float64, n_layers=1, n_decoder_layers=2,
@@ -180,7 +184,8 @@ def test_decoder_is_causal_and_ignores_padded_source_tokens():
 
 def test_param_count_equals_built_tree():
     tied = preset("seq2seq-tiny")
-    untied = preset("seq2seq-tiny", prenorm=True, share_embeddings=False, n_kv_heads=2, n_decoder_layers=1)
+    untied = preset("seq2seq-tiny", prenorm=True, share_embeddings=False, n_kv_heads=2, n_decoder_layers=1,
+                    final_logits_bias=True)
     built = [(tied, rs2s.init(tied, np.random.default_rng(0))),
              (untied, rs2s.init(untied, np.random.default_rng(0))),
              # JAX: the tree its init builds, traced abstractly (the real draw compiles a threefry
@@ -191,6 +196,43 @@ def test_param_count_equals_built_tree():
         assert tree_map(lambda a: tuple(a.shape), tree) == param_shapes(config)
         wrong = {p: str(a.dtype) for p, a in tree_leaves_with_path(tree) if str(a.dtype) != config.dtype}
         assert not wrong, f"leaves not in the config dtype {config.dtype}: {wrong}"
+
+
+def test_marian_options_change_the_model_and_cached_decoding_equals_the_full_forward():
+    """``position_layout`` and ``final_logits_bias`` reach the logits, and the KV-cache decoding
+    steps of both generation modules honour them (step-by-step logits == full forward)."""
+    from bigmodel_jax import generation as jgen
+    from reference_numpy import generation as rgen
+
+    config = preset("seq2seq-tiny", dtype="float64", n_decoder_layers=2, position_layout="concat",
+                    final_logits_bias=True, activation="silu")
+    rng = np.random.default_rng(11)
+    params = perturb_params(rs2s.init(config, rng), rng)
+    batch = seq2seq_batch(rng, config, 2, 6, 5, pad=True)
+    full = rs2s.forward(params, batch, config)  # (B, T, V)
+
+    paper = dataclasses.replace(config, position_layout="interleaved")
+    assert np.max(np.abs(rs2s.forward(params, batch, paper) - full)) > 1e-3
+    no_bias = dataclasses.replace(config, final_logits_bias=False)
+    np.testing.assert_allclose(rs2s.forward(params, batch, no_bias) + params["final_logits_bias"], full,
+                               rtol=1e-12, atol=1e-12)
+
+    ids = batch["decoder_input_ids"]
+    T = ids.shape[1]
+    mask = batch["attention_mask"].astype(bool)
+    enc = rs2s.encode(params, batch, config)
+    cache = rgen.seq2seq_init_cache(params, enc, config, T)
+    ref_steps = np.concatenate([rgen.seq2seq_decode_step(params, cache, ids[:, t:t + 1], t, mask, config)
+                                for t in range(T)], axis=1)
+    np.testing.assert_allclose(ref_steps, full, rtol=1e-10, atol=1e-10)
+
+    jp = to_jax(params)
+    j_cache = jgen.seq2seq_init_cache(jp, js2s.encode(jp, batch, config), config, T)
+    j_steps = []
+    for t in range(T):
+        logits, j_cache = jgen.seq2seq_decode_step(jp, j_cache, ids[:, t:t + 1], t, mask, config)
+        j_steps.append(np.asarray(logits))
+    np.testing.assert_allclose(np.concatenate(j_steps, axis=1), full, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("impl", ["reference", "jax"])

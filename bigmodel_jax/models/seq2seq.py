@@ -1,6 +1,7 @@
 """Encoder-decoder Transformer (Vaswani et al. 2017) in JAX; the twin of
 ``reference_numpy.models.seq2seq`` (see there for the equations and conventions: sinusoidal
-positions in the paper's interleaved layout, sqrt(D) embedding scale, labels aligned with
+positions in ``config.position_layout`` (the paper's "interleaved" or Marian's "concat"),
+sqrt(D) embedding scale, the optional ``final_logits_bias``, labels aligned with
 ``decoder_input_ids`` with no shift inside).
 
 Dims: B batch, S source time, T target time, D model width, V vocabulary.
@@ -29,7 +30,6 @@ from reference_numpy.checks import check_array
 from reference_numpy.configs import Seq2SeqConfig
 from reference_numpy.models.common import require_keys
 from reference_numpy.models.seq2seq import (
-    POSITION_LAYOUT,
     check_encoder_output,
     check_labels,
     check_source,
@@ -55,7 +55,7 @@ def _embed(table: Tree, ids: jax.Array, config: Seq2SeqConfig) -> jax.Array:
 def _embed_at(table: Tree, ids: jax.Array, positions: jax.Array, config: Seq2SeqConfig) -> jax.Array:
     """ids (B, N) at positions (N,) -> E[ids] * scale + PE[positions] (incremental decoding)."""
     x = embed(table, ids) * embed_scale(config)  # (B, N, D)
-    pe = sinusoidal_positions(positions, config.d_model, x.dtype, layout=POSITION_LAYOUT)
+    pe = sinusoidal_positions(positions, config.d_model, x.dtype, layout=config.position_layout)  # (N, D)
     return x + pe[None]
 
 
@@ -100,9 +100,19 @@ def decode(params: Tree, enc: jax.Array, batch: dict[str, Any], config: Seq2SeqC
     y, _ = jax.lax.scan(layer, y, params["decoder"]["layers"])
     if config.prenorm:
         y = layer_norm(params["decoder"]["final_norm"], y, config.norm_eps)
+    return output_logits(params, y, config)
+
+
+def output_logits(params: Tree, y: jax.Array, config: Seq2SeqConfig) -> jax.Array:
+    """Decoder output y (B, T, D) -> logits (B, T, V): the tied or untied head, plus
+    ``final_logits_bias`` (V,) when the config has one (shared with cached decoding)."""
     if config.share_embeddings:
-        return attend(params["embed"], y)
-    return jnp.einsum("BTD,DV->BTV", y, params["lm_head"]["kernel"])
+        logits = attend(params["embed"], y)
+    else:
+        logits = jnp.einsum("BTD,DV->BTV", y, params["lm_head"]["kernel"])
+    if config.final_logits_bias:
+        logits = logits + params["final_logits_bias"]
+    return logits
 
 
 def _check_batch(batch: dict[str, Any], config: Seq2SeqConfig) -> None:

@@ -51,14 +51,15 @@ def stack(trees: list[Tree]) -> Tree:
 def init_rule(path: str, n_layers: int, std: float = 0.02) -> tuple[str, float]:
     """How the leaf at ``path`` is initialised, shared by both packages.
 
-    Norm scales 1, biases and the class token 0, everything else N(0, std); the projections
+    Norm scales 1, biases (``final_logits_bias`` too, as HF) and the class token 0, everything
+    else N(0, std); the projections
     that write into the residual stream (``attn/out``, ``mlp/down``) get std / sqrt(2 L)
     (GPT-2's scaling, so the residual variance does not grow with depth).
     """
     leaf = path.rsplit("/", 1)[-1]
     if leaf == "scale":
         return "ones", 0.0
-    if leaf == "bias" or path == "cls_token":
+    if leaf in ("bias", "final_logits_bias") or path == "cls_token":
         return "zeros", 0.0
     if path.endswith(("attn/out/kernel", "mlp/down/kernel")):
         return "normal", float(std / np.sqrt(2 * max(n_layers, 1)))

@@ -9,16 +9,18 @@ Dims: B batch, S source time, T target time, D model width, V vocabulary.
              y   = dec_block_l(y, enc; causal, keys padded by decoder_attention_mask,
                                  encoder keys padded by attention_mask)   l = 1..L_dec
              h   = norm_dec(y) if prenorm else y
-    logits       = h E_tgt^T (share_embeddings) or h W_lm                      (B, T, V)
+    logits       = h E_tgt^T (share_embeddings) or h W_lm   [+ b_V]             (B, T, V)
     loss         = CE(logits, labels; label smoothing config.label_smoothing, -100 ignored)
 
 * ``E_tgt`` is ``embed`` itself when ``share_embeddings`` (one matrix for source, target and the
   pre-softmax weights, section 3.4 of the paper), else ``target_embed``, with its own ``lm_head``.
-* ``sqrt(D)`` only when ``scale_embeddings``. ``PE`` is the paper's fixed sinusoidal table in its
-  own channel layout, ``PE[t, 2i] = sin(t w_i)``, ``PE[t, 2i + 1] = cos(t w_i)``,
-  ``w_i = 10000^(-2i/D)`` (``sinusoidal_positions(..., layout="interleaved")``; HF Marian uses the
-  "concat" layout instead, so porting Marian weights would need that switch). It has no
-  parameters and no gradient.
+* ``sqrt(D)`` only when ``scale_embeddings``. ``PE`` is the fixed sinusoidal table
+  ``sinusoidal_positions(..., layout=config.position_layout)``, ``w_i = 10000^(-2i/D)``:
+  "interleaved" is the paper's ``PE[t, 2i] = sin(t w_i)``, ``PE[t, 2i + 1] = cos(t w_i)``;
+  "concat" is Marian's (HF ``MarianSinusoidalPositionalEmbedding``): all sines, then all
+  cosines. It has no parameters and no gradient.
+* ``b_V`` is the learned ``final_logits_bias`` (V,) when ``config.final_logits_bias`` (Marian);
+  its gradient is ``dlogits`` summed over B and T.
 * Blocks are ``layers.block`` with ``BlockSpec(prenorm=config.prenorm, norm="layer")``: post-norm
   (the paper) or pre-norm, which then needs the ``final_norm`` of each stack.
 * ``labels`` are aligned with ``decoder_input_ids``: ``logits[:, t]`` is scored against
@@ -56,8 +58,6 @@ from reference_numpy.layers.norms import layer_norm_backward, layer_norm_forward
 from reference_numpy.losses import cross_entropy_backward, cross_entropy_forward
 from reference_numpy.models.common import check_token_batch, init_params, layer, require_keys, stack
 from reference_numpy.tree import Tree, tree_add
-
-POSITION_LAYOUT = "interleaved"  # the paper's sin-on-even / cos-on-odd channels
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,11 +137,17 @@ def _target_table(params: Tree, config: Seq2SeqConfig) -> Tree:
     return params["embed"] if config.share_embeddings else params["target_embed"]
 
 
+def position_codes(positions: np.ndarray, config: Seq2SeqConfig, dtype: Any) -> np.ndarray:
+    """positions (N,) ints -> the fixed sinusoidal codes PE (N, D) in ``config.position_layout``
+    (shared by the full forward and the cached decoding step of ``reference_numpy.generation``)."""
+    return sinusoidal_positions(positions, config.d_model, dtype, layout=config.position_layout)
+
+
 def _embed_forward(table: Tree, ids: np.ndarray, config: Seq2SeqConfig) -> tuple[np.ndarray, Any]:
     """ids (B, N) -> E[ids] * scale + PE[n]: (B, N, D); cache for ``_embed_backward``."""
     x, c = embedding_forward(table, ids)  # (B, N, D)
     scale = x.dtype.type(embed_scale(config))
-    pe = sinusoidal_positions(np.arange(ids.shape[1]), config.d_model, x.dtype, layout=POSITION_LAYOUT)
+    pe = position_codes(np.arange(ids.shape[1]), config, x.dtype)  # (N, D)
     return x * scale + pe[None], (c, scale)
 
 
@@ -196,6 +202,8 @@ def decode_with_cache(
         logits, c_head = embedding_attend(params["embed"], y)  # (B, T, V)
     else:
         logits, c_head = y @ params["lm_head"]["kernel"], y
+    if config.final_logits_bias:
+        logits = logits + params["final_logits_bias"]  # (V,) broadcast over B, T
     return logits, (c_embed, c_blocks, c_norm, c_head)
 
 
@@ -228,10 +236,12 @@ def decode_backward(
     """dlogits (B, T, V) -> (d_enc (B, S, D), decoder grads, grads of the target table / head).
 
     The third tree holds ``embed`` (tied: target lookup + head) or ``target_embed`` and
-    ``lm_head`` (untied).
+    ``lm_head`` (untied), and ``final_logits_bias`` when the config has one.
     """
     c_embed, c_blocks, c_norm, c_head = cache
     outer: Tree = {}
+    if config.final_logits_bias:
+        outer["final_logits_bias"] = dlogits.sum(axis=(0, 1))  # the bias is added at every (b, t)
     if config.share_embeddings:
         dy, g_head = embedding_attend_backward(params["embed"], c_head, dlogits)
     else:

@@ -45,15 +45,15 @@ def seq2seq_batch(
 def perturb_params(params: dict, rng: np.random.Generator) -> dict:
     """Make every path of the model carry a measurable signal (in place; returns ``params``).
 
-    * Norm scales / biases and projection biases move away from their 1 / 0 init, so a mix-up
-      between them (or a dropped bias gradient) cannot hide.
+    * Norm scales / biases, projection biases and the ``final_logits_bias`` get N(0, 0.1) noise,
+      so a mix-up between them (or a dropped bias gradient) cannot hide.
     * Kernels x8 and embeddings x10 (std 0.16 / 0.2 instead of 0.02): at the 0.02 init every
       attention logit is ~0, the maps are uniform, and the encoder's query/key gradients are
       ~1e-6 of the others, below what finite differences resolve (their noise floor is ~1e-9
       absolute). With these sizes the maps are far from uniform and FD agrees to ~1e-7.
     """
     for path, leaf in list(tree_leaves_with_path(params)):
-        if path.endswith(("/scale", "/bias")):
+        if path.endswith(("/scale", "/bias")) or path == "final_logits_bias":
             new = leaf + 0.1 * rng.standard_normal(leaf.shape)
         elif path.endswith("/kernel"):
             new = leaf * 8.0
@@ -68,6 +68,9 @@ def perturb_params(params: dict, rng: np.random.Generator) -> dict:
     {"preset": "seq2seq-tiny", "prenorm": True, "n_decoder_layers": 1},
     {"preset": "seq2seq-tiny", "share_embeddings": False, "n_layers": 1},
     {"preset": "seq2seq-tiny", "pad": True, "decoder_pad": True, "n_kv_heads": 2, "prenorm": True},
+    # Marian's options: concat sinusoid layout, a learned logits bias, swish
+    {"preset": "seq2seq-tiny", "pad": True, "position_layout": "concat", "final_logits_bias": True,
+     "activation": "silu", "n_decoder_layers": 1},
 ))
 def seq2seq_case(
     rng: np.random.Generator, dtype: Any, preset: str = "seq2seq-tiny", *, batch: int = 2,
