@@ -30,8 +30,13 @@ def block(
     enc_padding_mask: jax.Array | None = None,
     positions: jax.Array | None = None,
     masks: dict[str, jax.Array] | None = None,
+    intermediates: dict[str, jax.Array] | None = None,
 ) -> jax.Array:
-    """x: (B, T, D) [, enc: (B, S, D)] -> (B, T, D)."""
+    """x: (B, T, D) [, enc: (B, S, D)] -> (B, T, D).
+
+    ``intermediates``: an optional dict filled with each sub-layer's output (the residual stream
+    after it) under ``"attn"``, [``"cross"``,] ``"mlp"``, as in the reference ``block_forward``.
+    """
     masks = masks or {}
     norm = layer_norm if spec.norm == "layer" else rms_norm
 
@@ -40,8 +45,12 @@ def block(
 
     def sublayer(name: str, h: jax.Array, fn) -> jax.Array:
         if spec.prenorm:
-            return h + drop(name + "_out", fn(norm(params[name + "_norm"], h, spec.norm_eps)))
-        return norm(params[name + "_norm"], h + drop(name + "_out", fn(h)), spec.norm_eps)
+            out = h + drop(name + "_out", fn(norm(params[name + "_norm"], h, spec.norm_eps)))
+        else:
+            out = norm(params[name + "_norm"], h + drop(name + "_out", fn(h)), spec.norm_eps)
+        if intermediates is not None:
+            intermediates[name] = out
+        return out
 
     h = sublayer("attn", x, lambda n: attention(
         params["attn"], n, key_padding_mask=key_padding_mask, causal=spec.causal,

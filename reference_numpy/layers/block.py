@@ -79,8 +79,14 @@ def block_forward(
     enc_padding_mask: np.ndarray | None = None,
     positions: np.ndarray | None = None,
     masks: dict[str, np.ndarray] | None = None,
+    intermediates: dict[str, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, Any]:
-    """x: (B, T, D) [, enc: (B, S, D)] -> y: (B, T, D)."""
+    """x: (B, T, D) [, enc: (B, S, D)] -> y: (B, T, D).
+
+    ``intermediates``: an optional dict this call fills with each sub-layer's output, i.e. the
+    residual stream after it (pre-norm: ``h + o``; post-norm: the norm of it), under ``"attn"``,
+    [``"cross"``,] ``"mlp"`` (``"mlp"`` is ``y``), each (B, T, D). Read by the divergence report.
+    """
     masks = masks or {}
     if enc is not None and "cross_attn" not in params:
         raise ValueError("enc was given but the block has no cross_attn parameters")
@@ -98,10 +104,13 @@ def block_forward(
             n, c[name + "_norm"] = _norm_fwd(spec, params[name + "_norm"], h)
             o, c[name] = fn(n)
             o, c[name + "_drop"] = _drop_fwd(spec, masks, name + "_out", o)
-            return h + o
-        o, c[name] = fn(h)
-        o, c[name + "_drop"] = _drop_fwd(spec, masks, name + "_out", o)
-        out, c[name + "_norm"] = _norm_fwd(spec, params[name + "_norm"], h + o)
+            out = h + o
+        else:
+            o, c[name] = fn(h)
+            o, c[name + "_drop"] = _drop_fwd(spec, masks, name + "_out", o)
+            out, c[name + "_norm"] = _norm_fwd(spec, params[name + "_norm"], h + o)
+        if intermediates is not None:
+            intermediates[name] = out
         return out
 
     h = sublayer("attn", x, lambda n: attention_forward(params["attn"], n, **attn_kw))
