@@ -190,6 +190,15 @@ def test_unsupported_config_feature_is_refused(tmp_path):
         rn.BertModel.from_pretrained(tmp_path)
 
 
+def test_question_answering_needs_two_labels(tmp_path):
+    model = _hf_model("BertForSequenceClassification")  # num_labels=3
+    model.config.architectures = ["BertForQuestionAnswering"]
+    model.save_pretrained(tmp_path)
+    model.config.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="needs num_labels=2"):
+        rn.BertForQuestionAnswering.from_pretrained(tmp_path)
+
+
 def test_bad_inputs_get_clear_errors(checkpoints):
     d, _ = checkpoints["BertModel"]
     for pkg in BACKENDS:

@@ -35,6 +35,9 @@ def config_from_hf(hf: dict[str, Any], architecture: str) -> BertConfig:
     unsupported(hf, "position_embedding_type", ("absolute",), "absolute", mt)
     unsupported(hf, "is_decoder", (False,), False, mt)
     unsupported(hf, "add_cross_attention", (False,), False, mt)
+    if ARCHITECTURES[architecture] == "question_answering" and num_labels_from_hf(hf) != 2:
+        raise ValueError(f"BertForQuestionAnswering needs num_labels=2 (start and end logits), "
+                         f"config.json has {num_labels_from_hf(hf)}")
     return BertConfig(
         n_layers=require(hf, "num_hidden_layers", model_type=mt),
         d_model=require(hf, "hidden_size", model_type=mt),
