@@ -1,0 +1,1 @@
+"""Training pipeline shared by the JAX and NumPy-reference trainers: data, metrics, checkpoints."""

@@ -1,0 +1,835 @@
+"""Training-state checkpoints: everything needed to resume a run, in one safetensors file per step.
+
+A *state* is a dict of anything a trainer carries between steps, for example::
+
+    {"params": tree, "opt_state": opt.init(params), "step": 1200,
+     "data": {"epoch": 1, "offset": 5120}, "rng": jax.random.key(0),
+     "np_rng": np.random.default_rng(0), "config": GPTConfig(...), "metadata": {...}}
+
+It is stored without pickle: every array goes into the safetensors file under a readable name
+(``opt_state/0/mu/layers/attn/query/kernel``), and a JSON *structure* in the file's metadata
+describes how to rebuild the containers and scalars around them. Supported values:
+
+* containers: ``dict`` / any ``Mapping`` with string keys, ``list``, ``tuple``, NamedTuples (optax
+  and ``reference_numpy.optim`` states), dataclasses (configs);
+* arrays: NumPy arrays and scalars, JAX arrays (any dtype safetensors holds, bfloat16 and float8
+  included; bit-exact), typed JAX PRNG keys (stored as ``jax.random.key_data`` plus the impl name);
+* ``np.random.Generator`` (its ``bit_generator.state``, JSON with 128-bit ints);
+* Python ``None``, ``bool``, ``int`` (any size), ``float`` (NaN/inf included), ``str``.
+
+Files: ``run_dir/checkpoints/step_{step:08d}.safetensors``. Each is written atomically with
+``bigmodel_port.atomic`` (a temporary ``.step_….tmp`` in the same directory, fsync, rename, fsync
+of the directory), so a crash at any moment leaves every earlier checkpoint intact and never a
+half-written file under a final name; only after the rename are old checkpoints pruned. Temporary
+files left by a killed writer are never taken for checkpoints and are removed by the next save
+(so one process at a time may save into a run directory). Each array carries a CRC-32 in the
+structure, so a file damaged after it was written is detected on load, not trained on.
+
+Rebuilding types on load:
+
+* without ``like``, containers come back as saved; NamedTuples and dataclasses defined in our
+  packages or in optax are rebuilt as their own class (looked up by module and name, only in an
+  allow-list of packages), any other NamedTuple as a look-alike ``collections.namedtuple`` and any
+  other dataclass as a dict of its fields. JAX arrays come back as JAX arrays on the default
+  device (``as_numpy=True``: everything as NumPy, keys as their uint32 key data);
+* with ``like`` (a state of the expected shape, e.g. the freshly initialised one), every
+  container and leaf takes ``like``'s exact type (optax NamedTuples, jax arrays placed with
+  ``like``'s sharding, a ``jax.ShapeDtypeStruct`` works as a leaf template), and the structure,
+  shapes and dtypes must match -- every mismatch is listed by name. A subtree of ``like`` set
+  to :data:`AS_SAVED` is taken from the file as is (handy for free-form metadata). Restored jax
+  arrays also keep ``like``'s committed-ness, so jitted steps do not recompile after a resume.
+
+Limits: arrays are copied to host memory (``np.asarray``) when saved, so in a multi-host run
+save from one process with fully addressable (gathered) arrays. An array object referenced twice
+(tied weights) is stored, and restored, as two arrays. The header metadata (the structure) is
+bounded by safetensors' 100 MB header limit, i.e. some millions of leaves.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import importlib
+import json
+import numbers
+import os
+import re
+import sys
+import warnings
+import zlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from bigmodel_port.atomic import atomic_open
+from bigmodel_port.errors import CheckpointError
+from bigmodel_port.weights import read_safetensors_metadata
+
+__all__ = [
+    "AS_SAVED", "CHECKPOINT_DIR", "FORMAT_NAME", "FORMAT_VERSION", "CheckpointError",
+    "checkpoint_path", "checkpoint_step", "deserialize_state", "latest_checkpoint",
+    "list_checkpoints", "load_checkpoint", "save_checkpoint", "serialize_state",
+    "verify_checkpoint",
+]
+
+FORMAT_NAME = "bigmodel-train-state"
+FORMAT_VERSION = 1
+CHECKPOINT_DIR = "checkpoints"
+
+_NAME_RE = re.compile(r"step_(\d{8,})\.safetensors")
+# What bigmodel_port.atomic names its temporaries: ".<target name>.<12 hex>.tmp".
+_TMP_RE = re.compile(r"\.step_\d{8,}\.safetensors\.[0-9a-f]+\.tmp")
+
+
+class _AsSaved:
+    """Type of :data:`AS_SAVED`."""
+
+    def __repr__(self) -> str:
+        return "AS_SAVED"
+
+
+AS_SAVED = _AsSaved()
+"""Put in ``like`` where a subtree should be restored as saved, without a template."""
+
+# safetensors dtype tags of the dtypes we store (numpy names; ml_dtypes' for bf16 / fp8).
+_DTYPE_TAGS = {
+    "bool": "BOOL", "uint8": "U8", "int8": "I8", "uint16": "U16", "int16": "I16",
+    "float16": "F16", "uint32": "U32", "int32": "I32", "float32": "F32", "uint64": "U64",
+    "int64": "I64", "float64": "F64", "bfloat16": "BF16", "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2",
+}
+_ML_DTYPES = ("bfloat16", "float8_e4m3fn", "float8_e5m2")
+
+# Classes are rebuilt by name only from these packages (our own and optax): a checkpoint is data,
+# and must not be able to make us import an arbitrary module.
+_TRUSTED_MODULES = ("reference_numpy", "bigmodel_jax", "bigmodel_port", "bigmodel_train", "optax")
+_IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+_BIT_GENERATORS = ("PCG64", "PCG64DXSM", "MT19937", "Philox", "SFC64")
+
+
+# --------------------------------------------------------------------------------------------
+# files
+
+
+def checkpoint_path(run_dir: str | os.PathLike[str], step: int) -> Path:
+    """``run_dir/checkpoints/step_{step:08d}.safetensors``."""
+    return Path(run_dir) / CHECKPOINT_DIR / f"step_{_check_step(step):08d}.safetensors"
+
+
+def _check_step(step: Any) -> int:
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+        raise ValueError(f"step must be an integer >= 0, got {step!r}")
+    return int(step)
+
+
+def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[tuple[int, Path]]:
+    """``[(step, path), ...]`` of the finished checkpoint files in ``run_dir``, by step.
+
+    Only regular files named ``step_<digits>.safetensors`` count; temporaries of an interrupted
+    save (``.step_….tmp``) and anything else in the directory are ignored. Nothing is read.
+    """
+    directory = Path(run_dir) / CHECKPOINT_DIR
+    if not directory.is_dir():
+        return []
+    found = []
+    for entry in os.scandir(directory):
+        m = _NAME_RE.fullmatch(entry.name)
+        if m and entry.is_file(follow_symlinks=False):
+            found.append((int(m.group(1)), Path(entry.path)))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | os.PathLike[str], *, valid_only: bool = False
+                      ) -> Path | None:
+    """The checkpoint with the highest step in ``run_dir``, or None if there is none.
+
+    ``valid_only=True`` also reads and checks it (header, structure, every array's checksum;
+    see :func:`verify_checkpoint`) and, if it is corrupt, warns and falls back to the next
+    newest, and so on.
+    """
+    found = list_checkpoints(run_dir)
+    if not valid_only:
+        return found[-1][1] if found else None
+    for _, path in reversed(found):
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as e:
+            warnings.warn(f"skipping unusable checkpoint {path} ({e}); trying an earlier one",
+                          RuntimeWarning, stacklevel=2)
+            continue
+        return path
+    return None
+
+
+def checkpoint_step(path: str | os.PathLike[str]) -> int:
+    """The step a checkpoint was saved at (reads only the file's header)."""
+    path = Path(path)
+    meta = _checked_metadata(path)
+    try:
+        return _check_step(int(meta["step"]))
+    except (KeyError, ValueError):
+        raise CheckpointError(f"{path}: metadata has no valid 'step' entry") from None
+
+
+def save_checkpoint(run_dir: str | os.PathLike[str], state: Mapping[str, Any], step: int,
+                    keep_last: int | None = 3) -> Path:
+    """Atomically write ``state`` as the checkpoint of ``step``; return its path.
+
+    ``state``: a dict of anything listed in the module docstring (if it has a ``"step"`` entry it
+    must equal ``step``). An existing checkpoint of the same step is replaced atomically. After
+    the new file is in place, checkpoints are pruned to the ``keep_last`` highest steps (None
+    keeps all); the file just written is never pruned, even when later steps exist (a run
+    restarted from an earlier checkpoint -- a warning says that ``latest_checkpoint`` will still
+    pick the later one).
+    """
+    step = _check_step(step)
+    if keep_last is not None and (isinstance(keep_last, bool)
+                                  or not isinstance(keep_last, numbers.Integral) or keep_last < 1):
+        raise ValueError(f"keep_last must be an integer >= 1 or None, got {keep_last!r}")
+    if not isinstance(state, Mapping):
+        raise TypeError(f"state must be a dict, not {type(state).__name__}")
+    if "step" in state and _as_int(state["step"]) != step:
+        raise ValueError(f"state['step'] = {state['step']!r} but step = {step}")
+    arrays, structure = serialize_state(state)
+    metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "step": str(step),
+                "structure": json.dumps(structure, separators=(",", ":"))}
+    path = checkpoint_path(run_dir, step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path.parent)
+    header = _safetensors_header(arrays, metadata)
+    with atomic_open(path, "wb") as f:
+        f.write(len(header).to_bytes(8, "little"))
+        f.write(header)
+        for a in arrays.values():
+            _write_array(f, a)
+    _prune(run_dir, step, keep_last)
+    return path
+
+
+def _as_int(x: Any) -> int | None:
+    """An integer scalar (Python, NumPy or a 0-d JAX array) as int; None for anything else."""
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, numbers.Integral):
+        return int(x)
+    a = np.asarray(x) if hasattr(x, "dtype") else None
+    return int(a) if a is not None and a.ndim == 0 and a.dtype.kind in "iu" else None
+
+
+def _remove_stale_temporaries(directory: Path) -> None:
+    """Delete what a killed save left behind (complete or not, a temporary is never used)."""
+    for entry in os.scandir(directory):
+        if _TMP_RE.fullmatch(entry.name):
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                pass
+
+
+def _prune(run_dir: str | os.PathLike[str], step: int, keep_last: int | None) -> None:
+    found = list_checkpoints(run_dir)
+    later = [s for s, _ in found if s > step]
+    if later:
+        warnings.warn(f"{Path(run_dir) / CHECKPOINT_DIR} holds checkpoints of later steps "
+                      f"{later} than the one just saved ({step}); latest_checkpoint returns the "
+                      "highest step", RuntimeWarning, stacklevel=3)
+    if keep_last is None:
+        return
+    for s, p in found[:-keep_last]:
+        if s != step:
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
+
+
+def _safetensors_header(arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> bytes:
+    """The JSON header of a safetensors file holding ``arrays`` back to back, in order.
+
+    Written here instead of with ``safetensors.numpy.save`` so the arrays can be streamed to disk
+    one by one: the library builds the whole file in memory first, which doubles the host
+    memory a checkpoint of a large model needs.
+    """
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    offset = 0
+    for name, a in arrays.items():
+        header[name] = {"dtype": _DTYPE_TAGS[a.dtype.name], "shape": list(a.shape),
+                        "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    return raw + b" " * (-len(raw) % 8)  # 8-byte aligned data section, as the library writes
+
+
+def _write_array(f: IO[bytes], a: np.ndarray) -> None:
+    """Append the raw little-endian bytes of the C-contiguous array ``a``."""
+    if a.size:
+        f.write(memoryview(a.reshape(-1).view(np.uint8)))
+
+
+# --------------------------------------------------------------------------------------------
+# state <-> (arrays, structure)
+
+
+def _jax_module() -> Any:
+    """jax if it is already imported (a jax value cannot exist otherwise), else None."""
+    return sys.modules.get("jax")
+
+
+def _is_jax_array(x: Any) -> bool:
+    jax = _jax_module()
+    return jax is not None and isinstance(x, jax.Array)
+
+
+def _is_typed_key(x: Any) -> bool:
+    jax = _jax_module()
+    return _is_jax_array(x) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _storable(a: np.ndarray, where: str) -> np.ndarray:
+    """``a`` as a C-contiguous little-endian array of a dtype safetensors holds."""
+    if a.dtype.name not in _DTYPE_TAGS:
+        raise TypeError(f"cannot checkpoint the array at {where!r}: dtype {a.dtype} is not one "
+                        f"safetensors stores ({', '.join(_DTYPE_TAGS)})")
+    if a.dtype.byteorder == ">":
+        a = a.astype(a.dtype.newbyteorder("<"))
+    # not np.ascontiguousarray: it turns a 0-d array into shape (1,)
+    return a if a.flags.c_contiguous else a.copy(order="C")
+
+
+def _crc32(a: np.ndarray) -> int:
+    return zlib.crc32(a.reshape(-1).view(np.uint8)) if a.size else 0
+
+
+class _Encoder:
+    def __init__(self) -> None:
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def _name(self, path: tuple[str, ...]) -> str:
+        """A unique tensor name for ``path``; a clash (keys holding "/") gets a "#n" suffix."""
+        base = "/".join(path) or "<root>"
+        name, n = base, 1
+        while name in self.arrays or name == "__metadata__":
+            n += 1
+            name = f"{base}#{n}"
+        return name
+
+    def array(self, a: np.ndarray, path: tuple[str, ...], kind: str) -> dict[str, Any]:
+        a = _storable(a, "/".join(path))
+        name = self._name(path)
+        self.arrays[name] = a
+        return {"t": "array", "kind": kind, "name": name, "dtype": a.dtype.name,
+                "shape": list(a.shape), "crc32": _crc32(a)}
+
+    def encode(self, x: Any, path: tuple[str, ...]) -> dict[str, Any]:
+        where = "/".join(path) or "<root>"
+        if x is None:
+            return {"t": "none"}
+        if _is_jax_array(x):
+            if _is_typed_key(x):
+                jax = _jax_module()
+                node = self.array(np.asarray(jax.random.key_data(x)), path, "jax")
+                return {"t": "jax_key", "impl": str(jax.random.key_impl(x)), "data": node}
+            return self.array(np.asarray(x), path, "jax")
+        if isinstance(x, np.ndarray):
+            return self.array(x, path, "numpy")
+        if isinstance(x, np.generic) and x.dtype.name in _DTYPE_TAGS:
+            return self.array(np.asarray(x), path, "numpy_scalar")
+        if isinstance(x, bool):
+            return {"t": "bool", "v": x}
+        if isinstance(x, int):
+            return {"t": "int", "v": int(x)}
+        if isinstance(x, float):
+            return {"t": "float", "v": float(x)}
+        if isinstance(x, str):
+            return {"t": "str", "v": str(x)}
+        if isinstance(x, np.random.Generator):
+            state = x.bit_generator.state
+            return {"t": "np_generator", "state": self.encode(state, (*path, "bit_generator"))}
+        if dataclasses.is_dataclass(x) and not isinstance(x, type):
+            cls = type(x)
+            fields = {f.name: self.encode(getattr(x, f.name), (*path, f.name))
+                      for f in dataclasses.fields(x)}
+            return {"t": "dataclass", "module": cls.__module__, "class": cls.__qualname__,
+                    "fields": fields}
+        if isinstance(x, tuple) and hasattr(type(x), "_fields"):
+            cls = type(x)
+            items = [self.encode(v, (*path, f)) for f, v in zip(cls._fields, x)]
+            return {"t": "namedtuple", "module": cls.__module__, "class": cls.__qualname__,
+                    "fields": list(cls._fields), "items": items}
+        if isinstance(x, (tuple, list)):
+            items = [self.encode(v, (*path, str(i))) for i, v in enumerate(x)]
+            return {"t": "tuple" if isinstance(x, tuple) else "list", "items": items}
+        if isinstance(x, Mapping):
+            keys = list(x)
+            bad = [k for k in keys if not isinstance(k, str)]
+            if bad:
+                raise TypeError(f"cannot checkpoint the dict at {where!r}: key {bad[0]!r} is not "
+                                "a string")
+            return {"t": "dict", "keys": keys,
+                    "items": [self.encode(x[k], (*path, k)) for k in keys]}
+        raise TypeError(f"cannot checkpoint the value at {where!r}: {type(x).__name__} is not an "
+                        "array, scalar, string, None, dict, list, tuple, NamedTuple, dataclass, "
+                        "JAX PRNG key or np.random.Generator")
+
+
+def serialize_state(state: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """``(arrays, structure)``: every array of ``state`` by name, and the JSON-able description
+    that :func:`deserialize_state` rebuilds ``state`` from. Used by :func:`save_checkpoint`."""
+    enc = _Encoder()
+    structure = enc.encode(state, ())
+    return enc.arrays, structure
+
+
+def _resolve_class(module: Any, qualname: Any, kind: str, *, allow_jax: bool = True
+                   ) -> type | None:
+    """A NamedTuple / dataclass type from a trusted package, or None (then a stand-in is used).
+    ``allow_jax=False`` skips the packages that import jax (optax, bigmodel_jax)."""
+    trusted = _TRUSTED_MODULES if allow_jax else tuple(
+        m for m in _TRUSTED_MODULES if m not in ("optax", "bigmodel_jax"))
+    if not (isinstance(module, str) and isinstance(qualname, str)
+            and _IDENT_RE.fullmatch(module) and _IDENT_RE.fullmatch(qualname)
+            and module.split(".")[0] in trusted):
+        return None
+    try:
+        obj: Any = importlib.import_module(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except Exception:  # moved or renamed since the file was written: fall back
+        return None
+    if not isinstance(obj, type):
+        return None
+    if kind == "namedtuple" and issubclass(obj, tuple) and hasattr(obj, "_fields"):
+        return obj
+    if kind == "dataclass" and dataclasses.is_dataclass(obj):
+        return obj
+    return None
+
+
+class _Decoder:
+    """Rebuilds a state from its structure and arrays, optionally guided by ``like``."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], file: Path | None, *, as_numpy: bool
+                 ) -> None:
+        self.arrays = arrays
+        self.file = file
+        self.as_numpy = as_numpy
+        self.mismatches: list[str] = []
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def corrupt(self, what: str) -> CheckpointError:
+        prefix = f"{self.file}: " if self.file is not None else ""
+        return CheckpointError(f"{prefix}corrupt checkpoint: {what}")
+
+    def node_field(self, node: Any, key: str, types: type | tuple[type, ...], where: str) -> Any:
+        if not isinstance(node, dict) or not isinstance(node.get(key), types):
+            raise self.corrupt(f"structure entry at {where!r} lacks a valid {key!r}")
+        return node[key]
+
+    def mismatch(self, where: str, msg: str) -> None:
+        self.mismatches.append(f"{where}: {msg}")
+
+    def stored_array(self, node: dict[str, Any], where: str) -> np.ndarray:
+        """The array a structure node names, checked against its recorded dtype, shape, CRC."""
+        name = self.node_field(node, "name", str, where)
+        dtype = self.node_field(node, "dtype", str, where)
+        shape = tuple(self.node_field(node, "shape", list, where))
+        if name not in self.arrays:
+            raise self.corrupt(f"array {name!r} (for {where!r}) is missing from the file")
+        if dtype not in _DTYPE_TAGS:
+            raise self.corrupt(f"array {name!r} has unknown dtype {dtype!r}")
+        a = self.arrays[name]
+        if a.dtype.name != dtype or a.shape != shape:
+            raise self.corrupt(f"array {name!r} is {a.dtype}{list(a.shape)} in the file but the "
+                               f"structure says {dtype}{list(shape)}")
+        crc = node.get("crc32")
+        if crc is not None and _crc32(a if a.flags.c_contiguous else a.copy(order="C")) != crc:
+            raise self.corrupt(f"array {name!r} fails its CRC-32 check (the data was damaged "
+                               "after it was written)")
+        return a
+
+    def to_jax(self, a: np.ndarray, like: Any = None) -> Any:
+        import jax  # lazy: only states saved from jax (or a jax `like`) need it
+
+        # Follow like's placement, committed-ness included: jit's cache keys on it, so a
+        # committed copy of an uncommitted array would recompile every jitted step once.
+        sharding = getattr(like, "sharding", None)
+        if sharding is None or getattr(like, "committed", True) is False:
+            return jax.device_put(a)
+        return jax.device_put(a, sharding)
+
+    # -- without like -------------------------------------------------------------------------
+
+    def decode(self, node: Any, where: str) -> Any:
+        t = self.node_field(node, "t", str, where)
+        if t == "none":
+            return None
+        if t in ("bool", "int", "float", "str"):
+            v = node.get("v")
+            expected = {"bool": bool, "int": int, "float": (float, int), "str": str}[t]
+            if not isinstance(v, expected) or (t == "int" and isinstance(v, bool)):
+                raise self.corrupt(f"{t} value at {where!r} is {v!r}")
+            return float(v) if t == "float" else v
+        if t == "array":
+            a = self.stored_array(node, where)
+            kind = node.get("kind")
+            if kind == "numpy_scalar":
+                return a[()]
+            if kind == "jax" and not self.as_numpy:
+                return self.to_jax(a)
+            return a
+        if t == "jax_key":
+            data = self.stored_array(self.node_field(node, "data", dict, where), where)
+            if self.as_numpy:
+                return data
+            import jax
+
+            impl = self.node_field(node, "impl", str, where)
+            return jax.random.wrap_key_data(self.to_jax(data), impl=impl)
+        if t == "np_generator":
+            return self.generator(self.decode(self.node_field(node, "state", dict, where),
+                                              _join(where, "bit_generator")), where)
+        if t in ("list", "tuple"):
+            items = [self.decode(v, _join(where, str(i)))
+                     for i, v in enumerate(self.node_field(node, "items", list, where))]
+            return items if t == "list" else tuple(items)
+        if t == "dict":
+            keys, items = self.dict_parts(node, where)
+            return {k: self.decode(v, _join(where, k)) for k, v in zip(keys, items)}
+        if t == "namedtuple":
+            fields = self.node_field(node, "fields", list, where)
+            items = [self.decode(v, _join(where, f)) for f, v in
+                     zip(fields, self.node_field(node, "items", list, where))]
+            if len(items) != len(fields) or not all(isinstance(f, str) for f in fields):
+                raise self.corrupt(f"namedtuple at {where!r} has malformed fields")
+            cls = _resolve_class(node.get("module"), node.get("class"), "namedtuple",
+                                 allow_jax=not self.as_numpy)
+            if cls is None or tuple(cls._fields) != tuple(fields):
+                name = str(node.get("class", "State")).rsplit(".", 1)[-1]
+                cls = collections.namedtuple(name if name.isidentifier() else "State", fields)
+            return cls(*items)
+        if t == "dataclass":
+            raw = self.node_field(node, "fields", dict, where)
+            values = {k: self.decode(v, _join(where, k)) for k, v in raw.items()}
+            cls = _resolve_class(node.get("module"), node.get("class"), "dataclass",
+                                 allow_jax=not self.as_numpy)
+            if cls is None:
+                return values
+            return self.build_dataclass(cls, values, where)
+        raise self.corrupt(f"unknown structure entry type {t!r} at {where!r}")
+
+    def dict_parts(self, node: dict[str, Any], where: str) -> tuple[list[str], list[Any]]:
+        keys = self.node_field(node, "keys", list, where)
+        items = self.node_field(node, "items", list, where)
+        if len(keys) != len(items) or not all(isinstance(k, str) for k in keys):
+            raise self.corrupt(f"dict at {where!r} has malformed keys")
+        return keys, items
+
+    def generator(self, state: Any, where: str) -> np.random.Generator:
+        name = state.get("bit_generator") if isinstance(state, dict) else None
+        if name not in _BIT_GENERATORS:
+            raise self.corrupt(f"np.random.Generator at {where!r} names an unknown bit "
+                               f"generator {name!r}")
+        gen = np.random.Generator(getattr(np.random, name)())
+        try:
+            gen.bit_generator.state = state
+        except (TypeError, ValueError, KeyError) as e:
+            raise self.corrupt(f"np.random.Generator state at {where!r} is invalid ({e})") from None
+        return gen
+
+    def build_dataclass(self, cls: type, values: dict[str, Any], where: str) -> Any:
+        init = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise CheckpointError(f"{self.file}: {cls.__name__} at {where!r} has no fields "
+                                  f"{unknown} (written by a newer or modified version?)")
+        try:
+            return cls(**{k: v for k, v in values.items() if k in init})
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{self.file}: cannot rebuild {cls.__name__} at {where!r}: "
+                                  f"{e}") from None
+
+    # -- with like ----------------------------------------------------------------------------
+
+    def decode_like(self, node: Any, like: Any, where: str) -> Any:
+        """``node`` rebuilt with ``like``'s types; mismatches are recorded, not raised, so that
+        they can all be listed at once (the returned value is then meaningless)."""
+        if like is AS_SAVED:
+            return self.decode(node, where)
+        t = self.node_field(node, "t", str, where)
+        jax = _jax_module()
+        if t == "array":
+            return self.array_like(node, like, where)
+        if t == "jax_key":
+            if not _is_typed_key(like):
+                self.mismatch(where, f"a JAX PRNG key in the checkpoint, {_describe(like)} "
+                                     "expected")
+                return like
+            impl = self.node_field(node, "impl", str, where)
+            if impl != str(jax.random.key_impl(like)):
+                self.mismatch(where, f"key impl {impl} in the checkpoint, "
+                                     f"{jax.random.key_impl(like)} expected")
+                return like
+            data = self.stored_array(self.node_field(node, "data", dict, where), where)
+            expected = jax.random.key_data(like)
+            if data.shape != expected.shape:
+                self.mismatch(where, f"key data shape {data.shape}, {expected.shape} expected")
+                return like
+            return jax.random.wrap_key_data(self.to_jax(data, like), impl=impl)
+        if t == "np_generator":
+            if not isinstance(like, np.random.Generator):
+                self.mismatch(where, f"np.random.Generator in the checkpoint, {_describe(like)} "
+                                     "expected")
+                return like
+            gen = self.decode(node, where)
+            if type(gen.bit_generator) is not type(like.bit_generator):
+                self.mismatch(where, f"bit generator {type(gen.bit_generator).__name__} in the "
+                                     f"checkpoint, {type(like.bit_generator).__name__} expected")
+            return gen
+        if t in ("none", "bool", "int", "float", "str"):
+            value = self.decode(node, where)
+            if type(value) is not type(like):
+                self.mismatch(where, f"{_describe(value)} in the checkpoint, {_describe(like)} "
+                                     "expected")
+            return value
+        if t == "dict":
+            if not isinstance(like, Mapping):
+                self.mismatch(where, f"dict in the checkpoint, {_describe(like)} expected")
+                return like
+            keys, items = self.dict_parts(node, where)
+            saved = dict(zip(keys, items))
+            missing = [k for k in like if k not in saved]
+            extra = [k for k in keys if k not in like]
+            if missing:
+                self.mismatch(where, f"keys missing from the checkpoint: {missing}")
+            if extra:
+                self.mismatch(where, f"keys in the checkpoint but not expected: {extra}")
+            out = {k: self.decode_like(saved[k], like[k], _join(where, k))
+                   for k in like if k in saved}
+            return out if type(like) is dict else _rebuild_mapping(like, out)
+        if t in ("list", "tuple", "namedtuple"):
+            items = self.node_field(node, "items", list, where)
+            is_nt = isinstance(like, tuple) and hasattr(type(like), "_fields")
+            if t == "namedtuple":
+                fields = self.node_field(node, "fields", list, where)
+                name = str(node.get("class", "")).rsplit(".", 1)[-1]
+                if not is_nt or tuple(type(like)._fields) != tuple(fields) \
+                        or type(like).__name__ != name:
+                    self.mismatch(where, f"{name}{tuple(fields)} in the checkpoint, "
+                                         f"{_describe(like)} expected")
+                    return like
+                labels = fields
+            else:
+                expected_type = list if t == "list" else tuple
+                if is_nt or not isinstance(like, expected_type):
+                    self.mismatch(where, f"{t} in the checkpoint, {_describe(like)} expected")
+                    return like
+                if len(like) != len(items):
+                    self.mismatch(where, f"{t} of length {len(items)} in the checkpoint, "
+                                         f"{len(like)} expected")
+                    return like
+                labels = [str(i) for i in range(len(items))]
+            values = [self.decode_like(v, lk, _join(where, lab))
+                      for v, lk, lab in zip(items, like, labels)]
+            if is_nt:
+                return type(like)(*values)
+            return type(like)(values)
+        if t == "dataclass":
+            if not (dataclasses.is_dataclass(like) and not isinstance(like, type)):
+                self.mismatch(where, f"dataclass {node.get('class')} in the checkpoint, "
+                                     f"{_describe(like)} expected")
+                return like
+            name = str(node.get("class", "")).rsplit(".", 1)[-1]
+            if type(like).__name__ != name:
+                self.mismatch(where, f"dataclass {name} in the checkpoint, "
+                                     f"{type(like).__name__} expected")
+                return like
+            raw = self.node_field(node, "fields", dict, where)
+            values = {}
+            for f in dataclasses.fields(like):
+                if f.name in raw:
+                    values[f.name] = self.decode_like(raw[f.name], getattr(like, f.name),
+                                                      _join(where, f.name))
+            # fields added to the class since the file was written keep like's values
+            extra = sorted(set(raw) - set(values))
+            if extra:
+                self.mismatch(where, f"fields in the checkpoint but not in "
+                                     f"{type(like).__name__}: {extra}")
+                return like
+            return self.build_dataclass(type(like), {**{f.name: getattr(like, f.name) for f in
+                                                        dataclasses.fields(like)}, **values},
+                                        where)
+        raise self.corrupt(f"unknown structure entry type {t!r} at {where!r}")
+
+    def array_like(self, node: dict[str, Any], like: Any, where: str) -> Any:
+        jax = _jax_module()
+        is_struct = jax is not None and isinstance(like, jax.ShapeDtypeStruct)
+        if not (isinstance(like, (np.ndarray, np.generic)) or _is_jax_array(like) or is_struct):
+            self.mismatch(where, f"an array in the checkpoint, {_describe(like)} expected")
+            return like
+        if _is_typed_key(like):
+            self.mismatch(where, "a plain array in the checkpoint, a JAX PRNG key expected")
+            return like
+        a = self.stored_array(node, where)
+        shape, dtype = tuple(np.shape(like)), np.dtype(like.dtype)
+        if a.shape != shape or a.dtype != dtype:
+            self.mismatch(where, f"{a.dtype}{list(a.shape)} in the checkpoint, "
+                                 f"{dtype}{list(shape)} expected")
+            return like
+        if isinstance(like, np.generic):
+            return a[()]
+        if isinstance(like, np.ndarray):
+            return a
+        return self.to_jax(a, like)
+
+
+def _join(where: str, key: str) -> str:
+    return key if where == "<root>" else f"{where}/{key}"
+
+
+def _describe(x: Any) -> str:
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return f"{type(x).__name__} {x.dtype}{list(np.shape(x))}"
+    return type(x).__name__
+
+
+def _rebuild_mapping(like: Mapping[str, Any], values: dict[str, Any]) -> Any:
+    """``values`` as ``like``'s mapping type (e.g. a flax FrozenDict), or a dict if it cannot be
+    built from one."""
+    try:
+        return type(like)(values)
+    except Exception:
+        return values
+
+
+def deserialize_state(arrays: Mapping[str, np.ndarray], structure: Mapping[str, Any],
+                      like: Any = None, *, as_numpy: bool = False) -> Any:
+    """Inverse of :func:`serialize_state`; ``like`` / ``as_numpy`` as in :func:`load_checkpoint`.
+    Raises :class:`CheckpointError` listing every mismatch against ``like``."""
+    return _deserialize(arrays, structure, like, as_numpy=as_numpy, file=None)
+
+
+def _deserialize(arrays: Mapping[str, np.ndarray], structure: Any, like: Any, *,
+                 as_numpy: bool, file: Path | None) -> Any:
+    dec = _Decoder(arrays, file, as_numpy=as_numpy)
+    if like is None:
+        return dec.decode(structure, "<root>")
+    out = dec.decode_like(structure, like, "<root>")
+    if dec.mismatches:
+        where = f"{file}" if file is not None else "checkpoint"
+        raise CheckpointError(
+            f"{where} does not match the expected state ({len(dec.mismatches)} "
+            f"mismatch{'es' if len(dec.mismatches) > 1 else ''}):\n  "
+            + "\n  ".join(dec.mismatches))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+
+
+def _checked_metadata(path: Path) -> dict[str, str]:
+    """The header metadata of a checkpoint file, after checking format and version."""
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory; pass a checkpoint file "
+                              "(latest_checkpoint(run_dir) finds the newest)")
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    meta = read_safetensors_metadata(path)  # CheckpointError naming the file if corrupt
+    fmt, version = meta.get("format"), meta.get("format_version")
+    if fmt != FORMAT_NAME:
+        raise CheckpointError(f"{path} is not a training checkpoint: its format is {fmt!r}, not "
+                              f"{FORMAT_NAME!r}" + (" (a model file: read it with "
+                                                    "bigmodel_port.native.load_native)"
+                                                    if fmt == "bigmodel" else ""))
+    if not (isinstance(version, str) and version.isdigit() and int(version) >= 1):
+        raise CheckpointError(f"{path}: unknown format_version {version!r}")
+    if int(version) > FORMAT_VERSION:
+        raise CheckpointError(f"{path} was written by a newer bigmodel (training checkpoint "
+                              f"format {version}; this one reads <= {FORMAT_VERSION}); upgrade "
+                              "bigmodel to load it")
+    return meta
+
+
+def _read(path: Path) -> tuple[dict[str, str], Any, dict[str, np.ndarray]]:
+    meta = _checked_metadata(path)
+    try:
+        structure = json.loads(meta["structure"])
+    except KeyError:
+        raise CheckpointError(f"{path}: metadata has no 'structure' entry") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: the 'structure' metadata is not valid JSON ({e})") from None
+    if not isinstance(structure, dict) or structure.get("t") != "dict":
+        raise CheckpointError(f"{path}: the 'structure' metadata does not describe a dict")
+    return meta, structure, _read_arrays(path)
+
+
+def _numpy_dtype(tag: str) -> np.dtype[Any]:
+    """The (little-endian) NumPy dtype of a safetensors dtype tag."""
+    name = next((n for n, t in _DTYPE_TAGS.items() if t == tag), None)
+    if name in _ML_DTYPES:
+        import ml_dtypes  # ships with jax; needed only for files holding bf16 / fp8 arrays
+
+        return np.dtype(getattr(ml_dtypes, name))
+    if name is None:
+        raise ValueError(tag)
+    return np.dtype(name).newbyteorder("<")
+
+
+def _read_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a checkpoint file, in its stored dtype, bit for bit.
+
+    Called after ``read_safetensors_metadata`` has validated the header (offsets inside the file,
+    spans matching dtype and shape). Read here rather than with
+    ``bigmodel_port.weights.read_safetensors`` because that widens bfloat16 / float8 to float32
+    (NumPy has no such dtypes), and float8 NaNs do not survive the trip back bit-exactly.
+    """
+    out: dict[str, np.ndarray] = {}
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        start = 8 + n
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                dtype = _numpy_dtype(entry["dtype"])
+            except ValueError:
+                raise CheckpointError(f"{path}: tensor {name!r} has dtype {entry['dtype']}, which "
+                                      "training checkpoints never hold") from None
+            begin, end = entry["data_offsets"]
+            a = np.empty(entry["shape"], dtype)
+            f.seek(start + begin)
+            if f.readinto(a.reshape(-1).view(np.uint8)) != end - begin:
+                raise CheckpointError(f"{path}: corrupt or truncated file: tensor {name!r} is "
+                                      "cut short")
+            out[name] = a
+    return out
+
+
+def verify_checkpoint(path: str | os.PathLike[str]) -> None:
+    """Raise :class:`CheckpointError` naming ``path`` unless it is a complete, intact checkpoint:
+    a valid header of this format, a structure whose every array is in the file with the
+    recorded dtype, shape and CRC-32. Builds no JAX values (works without jax installed)."""
+    path = Path(path)
+    _, structure, arrays = _read(path)
+    _deserialize(arrays, structure, None, as_numpy=True, file=path)
+
+
+def load_checkpoint(path: str | os.PathLike[str], like: Any = None, *,
+                    as_numpy: bool = False) -> dict[str, Any]:
+    """The state dict saved in the checkpoint file ``path``.
+
+    ``like``: optional template state; the result then has ``like``'s exact container and leaf
+    types (see the module docstring), and any difference in structure, shape or dtype raises
+    :class:`CheckpointError` listing every mismatch by name. ``as_numpy=True`` returns NumPy
+    arrays in place of JAX ones (ignored where ``like`` asks for JAX arrays).
+    Raises :class:`CheckpointError` naming the file if it is corrupt, truncated, not a training
+    checkpoint, or from a newer format version.
+    """
+    path = Path(path)
+    _, structure, arrays = _read(path)
+    return _deserialize(arrays, structure, like, as_numpy=as_numpy, file=path)
