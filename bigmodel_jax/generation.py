@@ -2,8 +2,17 @@
 
 Everything after the inputs are checked runs as one jit-compiled program: the prompt is
 ``prefill``ed in one step (its keys and values written into the cache), then a
-``jax.lax.scan`` over the new tokens runs one ``decode_step`` each, so the loop never retraces
-per token. Shapes are static: the cache holds ``S = prompt length + max_new_tokens`` slots.
+``jax.lax.while_loop`` over the new tokens runs one ``decode_step`` each, so the loop never
+retraces per token, and stops once every sequence has finished. Shapes are static: the cache
+holds ``S = prompt length + max_new_tokens`` slots and the loop writes into a fixed
+(B, max_new_tokens) buffer; the public functions crop the result to the steps actually taken
+after the compiled program returns, so the output has the shape transformers' ``generate`` gives.
+
+Greedy decoding and beam search reproduce transformers' ``generate`` (v5) token for token: see
+``token_loop`` and ``beam_loop`` (HF's ``_beam_search``: running beams plus a separate set of
+finished hypotheses, its length penalty and ``early_stopping`` rule). The length penalty, the
+early-stopping rule and the EOS / pad ids are traced arguments, so one compilation serves every
+setting of them.
 
 Positions are slot indices (``arange``), exactly as in the full forward, so cached decoding
 equals a full recompute. A left-padded prompt is handled by the key mask (padded slots are never
@@ -15,6 +24,7 @@ Cache layout, stacked like the layer parameters: ``{"k": (L, B, S, K, E), "v": (
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -28,6 +38,7 @@ from bigmodel_jax.layers.norms import layer_norm, rms_norm
 from bigmodel_jax.layers.rope import rope
 from reference_numpy.checks import check_array
 from reference_numpy.configs import GPTConfig, Seq2SeqConfig
+from reference_numpy.generation import BeamRules, beam_fill, beam_rules, check_decoding, greedy_fill
 from reference_numpy.layers.attention import key_bias_matters
 from reference_numpy.models.common import check_token_batch
 
@@ -154,29 +165,36 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     key: jax.Array | None = None,
-    eos_token_id: int | None = None,
-    pad_token_id: int = 0,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
 ) -> jax.Array:
-    """Continue each prompt by ``max_new_tokens`` tokens -> (B, T0 + max_new_tokens) ids.
+    """Continue each prompt by up to ``max_new_tokens`` tokens -> (B, T0 + n) ids.
 
-    ``temperature=0`` is greedy (argmax); otherwise sample from softmax(logits / temperature)
+    ``temperature=0`` is greedy (argmax), token for token transformers'
+    ``generate(do_sample=False, num_beams=1)``; otherwise sample from softmax(logits / temperature)
     restricted to the ``top_k`` tokens and the ``top_p`` nucleus, with ``key`` (required),
-    folding in the step index so every step draws fresh randomness. After ``eos_token_id`` a
-    sequence emits ``pad_token_id``.
+    folding in the step index so every step draws fresh randomness. After an EOS id a sequence
+    emits ``pad_token_id`` (None: the first EOS id, as HF), and decoding stops once every
+    sequence has finished, so ``n <= max_new_tokens`` (the compiled loop has a fixed shape; the
+    result is cropped to ``n`` after it, as HF returns it).
     """
     input_ids = jnp.asarray(input_ids)
     _check_generate_args(config, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p)
+    eos = check_decoding(config.vocab_size, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
     if temperature > 0 and key is None:
         raise ValueError("sampling (temperature > 0) needs an explicit PRNG key: key=jax.random.key(seed)")
     mask = jnp.ones(input_ids.shape, bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
     key = jax.random.key(0) if key is None else key
-    return _generate(params, input_ids, mask, key, config, max_new_tokens, float(temperature), top_k,
-                     top_p, eos_token_id, pad_token_id)
+    # EOS / pad ids are traced arguments (only the number of EOS ids is static): one compilation
+    # serves every choice of them
+    out, length = _generate(params, input_ids, mask, key, jnp.asarray(eos, jnp.int32),
+                            jnp.asarray(greedy_fill(pad_token_id, eos), jnp.int32), config, max_new_tokens,
+                            float(temperature), top_k, top_p)
+    return out[:, :int(length)]
 
 
-@partial(jax.jit, static_argnums=(4, 5, 6, 7, 8, 9, 10))
-def _generate(params, input_ids, mask, key, config, max_new_tokens, temperature, top_k, top_p,
-              eos_token_id, pad_token_id):
+@partial(jax.jit, static_argnums=(6, 7, 8, 9, 10))
+def _generate(params, input_ids, mask, key, eos, pad, config, max_new_tokens, temperature, top_k, top_p):
     B, T0 = input_ids.shape
     S = T0 + max_new_tokens
     dtype = params["embed"]["embedding"].dtype
@@ -191,31 +209,45 @@ def _generate(params, input_ids, mask, key, config, max_new_tokens, temperature,
         return jax.random.categorical(jax.random.fold_in(key, step), z, axis=-1)
 
     def step(cache: Tree, tok: jax.Array, i: jax.Array) -> tuple[jax.Array, Tree]:
-        logits, cache = decode_step(params, cache, tok[:, None], T0 + i, key_mask, config)
+        logits, cache = decode_step(params, cache, tok[:, None].astype(input_ids.dtype), T0 + i, key_mask, config)
         return logits[:, -1], cache
 
-    new = token_loop(step, choose, logits[:, -1], cache, max_new_tokens, eos_token_id, pad_token_id)
-    return jnp.concatenate([input_ids, new.astype(input_ids.dtype)], axis=1)
+    new, n = token_loop(step, choose, logits[:, -1], cache, max_new_tokens, eos, pad)
+    return jnp.concatenate([input_ids, new.astype(input_ids.dtype)], axis=1), T0 + n
 
 
 def token_loop(step, choose, last_logits: jax.Array, cache: Tree, max_new_tokens: int,
-               eos_token_id: int | None, pad_token_id: int) -> jax.Array:
-    """Shared one-token-per-step decoding as a ``lax.scan``: ``choose(logits (B, V), i) -> tok``,
-    ``step(cache, tok (B,), i) -> (logits, cache)``; after EOS a sequence emits pad.
-    Returns (B, max_new_tokens). The last step's forward is not needed for its logits; running
-    it keeps the loop uniform."""
+               eos_token_id: int | Sequence[int] | jax.Array | None,
+               pad_token_id: int | jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Shared one-token-per-step decoding (HF ``_sample``) as a ``lax.while_loop``.
 
-    def body(carry, i):
-        last, cache, done = carry
-        tok = jnp.where(done, pad_token_id, choose(last, i))
-        if eos_token_id is not None:
-            done = done | (tok == eos_token_id)
+    ``choose(logits (B, V), i) -> tok (B,)``, ``step(cache, tok (B,), i) -> (logits, cache)``;
+    ``last_logits`` (B, V) are the prompt's; the EOS ids may be a traced (n_eos,) array and the
+    pad id a traced scalar. After an EOS id a row emits ``pad_token_id``; the loop stops when
+    every row has finished. Returns tokens (B, max_new_tokens), of which the
+    first ``n`` (a scalar, also returned) were generated and the rest are ``pad_token_id``. The
+    last step's forward is not needed for its logits; running it keeps the loop body uniform.
+    """
+    eos = jnp.asarray(() if eos_token_id is None else eos_token_id, jnp.int32).reshape(-1)
+    B = last_logits.shape[0]
+
+    def cond(carry) -> jax.Array:
+        i, _, _, done, _ = carry
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        i, last, cache, done, toks = carry
+        tok = choose(last, i).astype(jnp.int32)
+        if eos.size:  # HF pads finished rows only when there is an EOS criterion
+            tok = jnp.where(done, pad_token_id, tok)
+            done = done | jnp.isin(tok, eos)
         last, cache = step(cache, tok, i)
-        return (last, cache, done), tok
+        return i + 1, last, cache, done, toks.at[:, i].set(tok)
 
-    done = jnp.zeros((last_logits.shape[0],), bool)
-    _, toks = jax.lax.scan(body, (last_logits, cache, done), jnp.arange(max_new_tokens))
-    return toks.T
+    toks = jnp.full((B, max_new_tokens), pad_token_id, jnp.int32)  # columns past n are cropped off
+    carry = (jnp.asarray(0), last_logits, cache, jnp.zeros((B,), bool), toks)
+    n, _, _, _, toks = jax.lax.while_loop(cond, body, carry)
+    return toks, n
 
 
 def beam_search(
@@ -226,31 +258,44 @@ def beam_search(
     max_new_tokens: int,
     num_beams: int = 4,
     length_penalty: float = 1.0,
-    eos_token_id: int | None = None,
-    pad_token_id: int = 0,
+    early_stopping: bool | str = False,
+    num_return_sequences: int = 1,
+    attention_mask: Any = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
 ) -> jax.Array:
-    """Beam search -> the best continuation per prompt, (B, T0 + max_new_tokens) ids.
+    """Beam search, token for token transformers' ``generate(do_sample=False, num_beams=W, ...)``.
 
-    Each of ``num_beams`` beams keeps its summed log-probability; every step expands all beams
-    by every token and keeps the best ``num_beams`` of the ``num_beams * V`` candidates. A beam
-    that emitted ``eos_token_id`` is finished: it continues only with ``pad_token_id`` at no
-    cost. The winner maximises ``score / length ** length_penalty``, length counting generated
-    tokens up to and including EOS. Same algorithm as ``reference_numpy.generation``.
+    Returns (B * num_return_sequences, T0 + n) ids, each prompt's best hypotheses first, n <=
+    max_new_tokens (cropped after the compiled loop). The algorithm (W running beams, a separate
+    set of W finished hypotheses scored ``sum log p / length ** length_penalty``, HF's
+    ``early_stopping`` rule) is described at ``beam_loop``. ``num_beams=1`` is greedy decoding
+    (``generate``), as HF's ``generate`` dispatches it. Same algorithm as
+    ``reference_numpy.generation.beam_search``.
     """
     input_ids = jnp.asarray(input_ids)
-    _check_generate_args(config, input_ids, None, max_new_tokens, 0.0, None, None)
-    if num_beams < 1 or num_beams > config.vocab_size:
-        raise ValueError(f"num_beams must be in [1, {config.vocab_size}], got {num_beams}")
-    return _beam_search(params, input_ids, config, max_new_tokens, num_beams, float(length_penalty),
-                        eos_token_id, pad_token_id)
+    _check_generate_args(config, input_ids, attention_mask, max_new_tokens, 0.0, None, None)
+    eos = check_decoding(config.vocab_size, num_beams=num_beams, num_return_sequences=num_return_sequences,
+                         early_stopping=early_stopping, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+    if num_beams == 1:
+        return generate(params, input_ids, config, max_new_tokens=max_new_tokens, attention_mask=attention_mask,
+                        eos_token_id=eos, pad_token_id=pad_token_id)
+    mask = jnp.ones(input_ids.shape, bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+    # the length penalty, early-stopping rule and EOS / fill ids are traced arguments: one
+    # compilation per shape, W, R and number of EOS ids serves every setting
+    rules = beam_rules(max_new_tokens, float(length_penalty), early_stopping)
+    out, length = _beam_search(params, input_ids, mask, rules, jnp.asarray(eos, jnp.int32),
+                               jnp.asarray(beam_fill(pad_token_id, eos), jnp.int32), config, max_new_tokens,
+                               num_beams, num_return_sequences)
+    return out[:, :int(length)]
 
 
-@partial(jax.jit, static_argnums=(2, 3, 4, 5, 6, 7))
-def _beam_search(params, input_ids, config, max_new_tokens, W, length_penalty, eos_token_id, pad_token_id):
+@partial(jax.jit, static_argnums=(6, 7, 8, 9))
+def _beam_search(params, input_ids, mask, rules, eos, fill, config, max_new_tokens, W, R):
     B, T0 = input_ids.shape
     S = T0 + max_new_tokens
     ids = jnp.repeat(input_ids, W, axis=0)  # (B*W, T0), beam-major within each prompt
-    key_mask = jnp.ones((B * W, S), bool)
+    key_mask = jnp.repeat(jnp.concatenate([mask, jnp.ones((B, max_new_tokens), bool)], axis=1), W, axis=0)
     cache = init_cache(config, B * W, S, params["embed"]["embedding"].dtype)
     logits, cache = decode_step(params, cache, ids, jnp.asarray(0), key_mask, config)
 
@@ -258,50 +303,101 @@ def _beam_search(params, input_ids, config, max_new_tokens, W, length_penalty, e
         logits, cache = decode_step(params, cache, tok[:, None].astype(ids.dtype), T0 + i, key_mask, config)
         return logits[:, -1], cache
 
-    out = beam_loop(step, logits[:, -1], cache, B, W, max_new_tokens, length_penalty, eos_token_id,
-                    pad_token_id, input_ids.dtype)
-    return jnp.concatenate([input_ids, out], axis=1)
+    out, n = beam_loop(step, logits[:, -1], cache, B, W, max_new_tokens, rules=rules, eos=eos, fill=fill,
+                       num_return_sequences=R, dtype=input_ids.dtype)
+    return jnp.concatenate([jnp.repeat(input_ids, R, axis=0), out], axis=1), T0 + n
 
 
-def beam_loop(step, last_logits, cache: Tree, B: int, W: int, max_new_tokens: int, length_penalty: float,
-              eos_token_id: int | None, pad_token_id: int, dtype: Any) -> jax.Array:
-    """The beam search shared by the decoder-only and encoder-decoder models.
+# HF marks impossible candidates with this large finite score, not -inf, and adds it in float32
+# (see reference_numpy.generation.IMPOSSIBLE): the same arithmetic, the same comparisons.
+IMPOSSIBLE = -1.0e9
 
-    ``step(cache, tok (B*W,), i) -> (logits (B*W, V), cache)`` runs one token per beam;
-    ``last_logits`` (B*W, V) are the prompt's; every cache leaf has the B*W rows on axis 1.
-    Returns the best beam's tokens (B, max_new_tokens).
+
+def beam_loop(step, last_logits: jax.Array, cache: Tree, B: int, W: int, max_new_tokens: int, *,
+              rules: BeamRules, eos: Sequence[int] | jax.Array, fill: int | jax.Array,
+              num_return_sequences: int = 1, dtype: Any = jnp.int32, process=None) -> tuple[jax.Array, jax.Array]:
+    """The beam search shared by the decoder-only and encoder-decoder models: HF ``_beam_search``.
+
+    ``step(cache, tok (B*W,), i) -> (logits (B*W, V), cache)`` runs one token per running beam;
+    ``last_logits`` (B*W, V) are the prompt's; every cache leaf has the B*W rows (beam-major per
+    prompt) on axis 1; ``rules``: ``beam_rules(N, length_penalty, early_stopping)`` (NumPy or
+    traced arrays); ``eos``: the EOS ids, (n_eos,), may be traced; ``fill``: ``beam_fill``, may be
+    traced; ``process(logp (B*W, V), i)``: HF's logits processors on the log-probabilities of new
+    token i (after the log-softmax, as HF's beam search). Per prompt and step, with N = max_new_tokens:
+
+    1. score the W*V continuations of the W running beams (float32 log-softmax + beam score;
+       at the start only beam 0 is live, the others score -1e9) and keep the best
+       ``K = max(2, 1 + n_eos) * W``, so at least W of them do not end in EOS;
+    2. a candidate ending in EOS (or every candidate, at step N) is *done*; the best W not-done
+       candidates are the new running beams;
+    3. the done candidates among the best W of step 1 enter the finished set (size W) with
+       score ``sum log p / length ** length_penalty``, length = generated tokens incl. the EOS,
+       if they beat its worst -- unless the prompt has stopped adding (below);
+    4. a prompt stops adding once its finished set is full and its best running beam cannot win:
+       best running score / ``n ** length_penalty`` <= worst finished score, n = the current
+       length (``early_stopping=False`` or True), or N when ``early_stopping="never"`` and
+       ``length_penalty > 0``; with ``early_stopping=True`` also as soon as the set is full.
+       The ``lax.while_loop`` ends when no prompt adds any more (or after step N).
+
+    Returns each prompt's best ``num_return_sequences`` hypotheses, best first, as tokens
+    (B * num_return_sequences, N) filled after their ends (``beam_fill``), and ``n``, the length
+    of the longest of them: HF returns the first ``n`` columns.
     """
-    V = last_logits.shape[-1]
-    # Only beam 0 is live at the start, so the first expansion does not pick W copies.
-    scores = jnp.where(jnp.arange(W)[None, :] == 0, 0.0, -jnp.inf).astype(jnp.float32)
-    scores = jnp.broadcast_to(scores, (B, W))
-    finished = jnp.zeros((B, W), bool)
-    lengths = jnp.zeros((B, W), jnp.int32)
-    tokens = jnp.full((B, W, max_new_tokens), pad_token_id, dtype)
-    pad_row = jnp.full((V,), -jnp.inf).at[pad_token_id].set(0.0)
+    N, V, R = max_new_tokens, last_logits.shape[-1], num_return_sequences
+    eos = jnp.asarray(eos, jnp.int32).reshape(-1)
+    K = max(2, 1 + eos.shape[0]) * W
+    f32 = jnp.float32
+    penalty, judge_len, stop_when_full = (jnp.asarray(r) for r in rules)
+    top_w = jnp.arange(K) < W  # only the best W candidates may finish (HF's top_num_beam_mask)
 
-    def body(carry, i):
-        last_logits, cache, scores, finished, lengths, tokens = carry
-        logp = jax.nn.log_softmax(last_logits.astype(jnp.float32), axis=-1).reshape(B, W, V)
-        logp = jnp.where(finished[..., None], pad_row, logp)  # finished: only pad, at zero cost
-        cand = (scores[..., None] + logp).reshape(B, W * V)
-        scores, flat = jax.lax.top_k(cand, W)  # (B, W)
-        beam, tok = flat // V, flat % V
-        gather = lambda a: jnp.take_along_axis(a, beam.reshape(B, W, *([1] * (a.ndim - 2))), axis=1)  # noqa: E731
-        was_finished = gather(finished)
-        tokens = gather(tokens).at[:, :, i].set(tok.astype(tokens.dtype))
-        lengths = gather(lengths) + (~was_finished).astype(jnp.int32)
-        finished = was_finished if eos_token_id is None else was_finished | (tok == eos_token_id)
-        rows = (jnp.arange(B)[:, None] * W + beam).reshape(-1)  # source beam of each new beam
-        cache = jax.tree_util.tree_map(lambda c: c[:, rows], cache)
-        last_logits, cache = step(cache, tok.reshape(B * W), i)
-        return (last_logits, cache, scores, finished, lengths, tokens), None
+    def gather(a: jax.Array, idx: jax.Array) -> jax.Array:  # a (B, M, ...) by idx (B, k) -> (B, k, ...)
+        return jnp.take_along_axis(a, idx.reshape(idx.shape + (1,) * (a.ndim - 2)), axis=1)
 
-    carry = (last_logits, cache, scores, finished, lengths, tokens)
-    (_, _, scores, finished, lengths, tokens), _ = jax.lax.scan(body, carry, jnp.arange(max_new_tokens))
-    final = scores / jnp.maximum(lengths, 1).astype(jnp.float32) ** length_penalty
-    best = jnp.argmax(final, axis=1)  # (B,)
-    return jnp.take_along_axis(tokens, best[:, None, None], axis=1)[:, 0]
+    def body(c: Tree) -> Tree:
+        i = c["i"]
+        # 1. the best K continuations
+        logp = jax.nn.log_softmax(c["last"].astype(f32), axis=-1)
+        logp = (logp if process is None else process(logp, i)).reshape(B, W, V)
+        cand = (logp + c["run_score"][..., None]).reshape(B, W * V)
+        top_score, idx = jax.lax.top_k(cand, K)  # best first, ties to the lower index
+        src, tok = idx // V, idx % V
+        top_seq = gather(c["run_seq"], src).at[:, :, i].set(tok)
+        done = (i + 1 == N) | jnp.isin(tok, eos)  # (B, K)
+        # 2. the next running beams
+        run_lp = top_score + done.astype(f32) * IMPOSSIBLE
+        nxt = jax.lax.top_k(run_lp, W)[1]
+        run_seq, run_score, run_src = gather(top_seq, nxt), gather(run_lp, nxt), gather(src, nxt)
+        # 3. the finished set (HF adds the penalties one after another, in float32)
+        just = done & top_w
+        s = top_score / penalty[i + 1]
+        s = s + (jnp.all(c["is_fin"], axis=1, keepdims=True) & stop_when_full).astype(f32) * IMPOSSIBLE
+        s = s + (~c["adding"]).astype(f32) * IMPOSSIBLE
+        s = s + (~just).astype(f32) * IMPOSSIBLE
+        fin_score, keep = jax.lax.top_k(jnp.concatenate([c["fin_score"], s], axis=1), W)
+        fin_seq = gather(jnp.concatenate([c["fin_seq"], top_seq], axis=1), keep)
+        fin_len = gather(jnp.concatenate([c["fin_len"], jnp.broadcast_to(i + 1, (B, K))], axis=1), keep)
+        is_fin = gather(jnp.concatenate([c["is_fin"], just], axis=1), keep)
+        # 4. stop?
+        best = run_score[:, :1] / penalty[jnp.where(judge_len > 0, judge_len, i + 1)]
+        worst = jnp.where(is_fin, jnp.min(fin_score, axis=1, keepdims=True), IMPOSSIBLE)
+        adding = c["adding"] & jnp.any(best > worst, axis=1, keepdims=True)
+        go = jnp.any(adding) & ~(jnp.all(is_fin) & stop_when_full) & ~jnp.all(done)
+        rows = (jnp.arange(B)[:, None] * W + run_src).reshape(-1)  # source row of each new beam
+        cache = jax.tree_util.tree_map(lambda a: a[:, rows], c["cache"])
+        last, cache = step(cache, run_seq[:, :, i].reshape(B * W), i)
+        return dict(i=i + 1, go=go, last=last, cache=cache, run_seq=run_seq, run_score=run_score,
+                    fin_seq=fin_seq, fin_score=fin_score, fin_len=fin_len, is_fin=is_fin, adding=adding)
+
+    seq = jnp.full((B, W, N), fill, jnp.int32)
+    init = dict(
+        i=jnp.asarray(0), go=jnp.asarray(True), last=last_logits, cache=cache,
+        run_seq=seq, run_score=jnp.broadcast_to(jnp.where(jnp.arange(W) == 0, 0.0, IMPOSSIBLE).astype(f32), (B, W)),
+        fin_seq=seq, fin_score=jnp.full((B, W), IMPOSSIBLE, f32), fin_len=jnp.zeros((B, W), jnp.int32),
+        is_fin=jnp.zeros((B, W), bool),
+        adding=jnp.ones((B, 1), bool),  # HF's is_early_stop_heuristic_unsatisfied
+    )
+    c = jax.lax.while_loop(lambda c: c["go"] & (c["i"] < N), body, init)
+    return c["fin_seq"][:, :R].reshape(B * R, N).astype(dtype), jnp.max(c["fin_len"][:, :R])
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,7 +422,7 @@ def seq2seq_init_cache(params: Tree, enc: jax.Array, config: Seq2SeqConfig, slot
 def seq2seq_decode_step(params: Tree, cache: Tree, ids: jax.Array, pos: jax.Array,
                         src_mask: jax.Array, config: Seq2SeqConfig) -> tuple[jax.Array, Tree]:
     """Target tokens ids (B, N) at slots [pos, pos + N) -> logits (B, N, V), updated cache."""
-    from bigmodel_jax.models.seq2seq import _embed_at
+    from bigmodel_jax.models.seq2seq import _embed_at, output_logits
     from reference_numpy.models.seq2seq import decoder_spec
 
     B, N = ids.shape
@@ -368,10 +464,7 @@ def seq2seq_decode_step(params: Tree, cache: Tree, ids: jax.Array, pos: jax.Arra
         layer, y, (params["decoder"]["layers"], cache["k"], cache["v"], cache["ck"], cache["cv"]))
     if config.prenorm:
         y = layer_norm(params["decoder"]["final_norm"], y, config.norm_eps)
-    if config.share_embeddings:
-        logits = attend(params["embed"], y)
-    else:
-        logits = jnp.einsum("BND,DV->BNV", y, params["lm_head"]["kernel"])
+    logits = output_logits(params, y, config)  # (B, N, V), with final_logits_bias if any
     return logits, {**cache, "k": k_new, "v": v_new}
 
 
@@ -384,30 +477,58 @@ def seq2seq_generate(
     decoder_start_token_id: int = 0,
     num_beams: int = 1,
     length_penalty: float = 1.0,
-    eos_token_id: int | None = None,
-    pad_token_id: int = 0,
+    early_stopping: bool | str = False,
+    num_return_sequences: int = 1,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    suppress_tokens: tuple[int, ...] = (),
+    forced_eos_token_id: int | None = None,
 ) -> jax.Array:
     """Translate: encode ``input_ids`` once, then decode with the cache.
 
-    Greedy for ``num_beams=1``, else beam search (rules of ``beam_search``). Returns
-    (B, 1 + max_new_tokens) target ids starting with ``decoder_start_token_id``, as HF does.
+    Greedy for ``num_beams=1``, else beam search (rules of ``beam_search`` / ``beam_loop``), as
+    transformers' ``generate``. Returns (B * num_return_sequences, 1 + n) target ids starting
+    with ``decoder_start_token_id``, n <= max_new_tokens (cropped after the compiled loop), as HF.
+    ``suppress_tokens`` / ``forced_eos_token_id``: HF's logits rules, see ``constrain_logits``;
+    Marian checkpoints use them (never pad, EOS forced at the last step). Greedy applies them to
+    the logits, beam search to the log-probabilities (as HF).
     """
+    from reference_numpy.generation import check_logits_rules
     from reference_numpy.models.seq2seq import check_source
 
     ids, mask = check_source(batch, config)
     if not 1 <= max_new_tokens < config.max_len:
         raise ValueError(f"max_new_tokens must be in [1, {config.max_len - 1}] (max_len={config.max_len}), "
                          f"got {max_new_tokens}")
-    if not 1 <= num_beams <= config.vocab_size:
-        raise ValueError(f"num_beams must be in [1, {config.vocab_size}], got {num_beams}")
+    eos = check_decoding(config.vocab_size, num_beams=num_beams, num_return_sequences=num_return_sequences,
+                         early_stopping=early_stopping, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+    suppress = check_logits_rules(config.vocab_size, num_beams, suppress_tokens, forced_eos_token_id)
     mask = jnp.ones(ids.shape, bool) if mask is None else jnp.asarray(mask)
-    return _seq2seq_generate(params, jnp.asarray(ids), mask, config, max_new_tokens, decoder_start_token_id,
-                             num_beams, float(length_penalty), eos_token_id, pad_token_id)
+    # as in beam_search: the rules and the EOS / fill ids are traced, not compiled in
+    fill = greedy_fill(pad_token_id, eos) if num_beams == 1 else beam_fill(pad_token_id, eos)
+    rules = beam_rules(max_new_tokens, float(length_penalty), early_stopping)
+    out, length = _seq2seq_generate(params, jnp.asarray(ids), mask, rules, jnp.asarray(eos, jnp.int32),
+                                    jnp.asarray(fill, jnp.int32), config, max_new_tokens, decoder_start_token_id,
+                                    num_beams, num_return_sequences, suppress, forced_eos_token_id)
+    return out[:, :int(length)]
 
 
-@partial(jax.jit, static_argnums=(3, 4, 5, 6, 7, 8, 9))
-def _seq2seq_generate(params, src, src_mask, config, max_new_tokens, start, W, length_penalty, eos_token_id,
-                      pad_token_id):
+def constrain_logits(logits: jax.Array, i: jax.Array, max_new_tokens: int, suppress_tokens: tuple[int, ...],
+                     forced_eos_token_id: int | None) -> jax.Array:
+    """HF's logits rules on the logits (B, V) of new token ``i`` (0-based; may be traced): the
+    twin of ``reference_numpy.generation.constrain_logits`` (see there)."""
+    neg = jnp.asarray(-jnp.inf, logits.dtype)
+    if suppress_tokens:
+        logits = logits.at[:, jnp.asarray(suppress_tokens)].set(neg)
+    if forced_eos_token_id is not None:
+        forced = jnp.full_like(logits, neg).at[:, forced_eos_token_id].set(0)
+        logits = jnp.where(i == max_new_tokens - 1, forced, logits)
+    return logits
+
+
+@partial(jax.jit, static_argnums=(6, 7, 8, 9, 10, 11, 12))
+def _seq2seq_generate(params, src, src_mask, rules, eos, fill, config, max_new_tokens, start, W, R, suppress=(),
+                      forced_eos=None):
     from bigmodel_jax.models.seq2seq import encode
 
     B = src.shape[0]
@@ -423,15 +544,59 @@ def _seq2seq_generate(params, src, src_mask, config, max_new_tokens, start, W, l
         return logits[:, -1], cache
 
     if W > 1:
-        out = beam_loop(step, logits[:, -1], cache, B, W, max_new_tokens, length_penalty, eos_token_id,
-                        pad_token_id, src.dtype)
+        def process(logp: jax.Array, i: jax.Array) -> jax.Array:
+            return constrain_logits(logp, i, max_new_tokens, suppress, forced_eos)
+
+        out, n = beam_loop(step, logits[:, -1], cache, B, W, max_new_tokens, rules=rules, eos=eos, fill=fill,
+                           num_return_sequences=R, dtype=src.dtype,
+                           process=process if suppress or forced_eos is not None else None)
     else:
-        greedy = lambda last, i: jnp.argmax(last, axis=-1)  # noqa: E731
-        out = token_loop(step, greedy, logits[:, -1], cache, max_new_tokens, eos_token_id,
-                         pad_token_id).astype(src.dtype)
-    return jnp.concatenate([jnp.full((B, 1), start, src.dtype), out], axis=1)
+        def greedy(last: jax.Array, i: jax.Array) -> jax.Array:  # new token i from its logits (B, V)
+            return jnp.argmax(constrain_logits(last, i, max_new_tokens, suppress, forced_eos), axis=-1)
+
+        out, n = token_loop(step, greedy, logits[:, -1], cache, max_new_tokens, eos, fill)
+        out = out.astype(src.dtype)
+    return jnp.concatenate([jnp.full((out.shape[0], 1), start, src.dtype), out], axis=1), 1 + n
 
 
 def check_prompt(name: str, ids: Any) -> None:
     """Prompts are (B, T0) integer arrays."""
     check_array(name, ids, ("B", "T"), kind="int")
+
+
+def hf_generate(params: Tree, inputs: dict[str, Any], config: GPTConfig | Seq2SeqConfig, *,
+                max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
+                top_k: int | None = None, top_p: float | None = None, seed: int = 0, num_beams: int = 1,
+                length_penalty: float = 1.0, early_stopping: bool | str = False, num_return_sequences: int = 1,
+                eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
+                decoder_start_token_id: int | None = None, suppress_tokens: Sequence[int] = (),
+                forced_eos_token_id: int | None = None) -> jax.Array:
+    """transformers' ``generate`` arguments -> greedy, sampling or beam decoding (the model
+    classes' ``generate``); the twin of ``reference_numpy.generation.hf_generate``.
+
+    ``do_sample=True`` samples (decoders) from softmax(logits / temperature) within ``top_k`` /
+    ``top_p`` with ``jax.random.key(seed)``; the draws are JAX's, not PyTorch's, so sampled
+    tokens differ from HF's while greedy and beam tokens are the same.
+    """
+    beam = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, length_penalty=length_penalty,
+                early_stopping=early_stopping, num_return_sequences=num_return_sequences,
+                eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+    if isinstance(config, Seq2SeqConfig):
+        if do_sample:
+            raise ValueError("encoder-decoder generation is greedy or beam search (do_sample=False)")
+        if decoder_start_token_id is None:
+            raise ValueError("an encoder-decoder needs decoder_start_token_id (HF: the config's, often pad)")
+        batch = {k: v for k, v in inputs.items() if v is not None}
+        return seq2seq_generate(params, batch, config, decoder_start_token_id=decoder_start_token_id,
+                                suppress_tokens=tuple(suppress_tokens), forced_eos_token_id=forced_eos_token_id,
+                                **beam)
+    if suppress_tokens or forced_eos_token_id is not None:
+        raise ValueError("suppress_tokens / forced_eos_token_id are implemented for encoder-decoders only")
+    mask = inputs.get("attention_mask")
+    if do_sample:
+        if num_beams != 1 or num_return_sequences != 1:
+            raise ValueError("sampling is implemented with num_beams=1, num_return_sequences=1")
+        return generate(params, inputs["input_ids"], config, max_new_tokens=max_new_tokens, attention_mask=mask,
+                        temperature=temperature, top_k=top_k, top_p=top_p, key=jax.random.key(seed),
+                        eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+    return beam_search(params, inputs["input_ids"], config, attention_mask=mask, **beam)

@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
-from bigmodel_port.hf import all_architectures
+from bigmodel_port.hf import all_architectures, arch_module
 from bigmodel_port.hf.checkpoint import load_pretrained, param_shapes, read_config, resolve_architecture
 from bigmodel_port.hf.checkpoint import save_pretrained as _save_pretrained
 from bigmodel_port.hf.mapping import LoadReport
@@ -88,7 +88,8 @@ class PreTrainedModel:
     backend: ClassVar[Backend]
 
     def __init__(self, config: Config, params: Any = None, *, hf_config: dict[str, Any] | None = None,
-                 seed: int = 0, load_report: LoadReport | None = None) -> None:
+                 seed: int = 0, load_report: LoadReport | None = None,
+                 generation_config: dict[str, Any] | None = None) -> None:
         """A model of ``config``; ``params`` (a NumPy or backend tree) or a fresh init from ``seed``."""
         if params is None:
             shapes = param_shapes(config, self.task)
@@ -99,6 +100,7 @@ class PreTrainedModel:
         self.params = params
         self.hf_config = dict(hf_config or {})
         self.load_report = load_report or LoadReport()
+        self.generation_config = generation_config
 
     # ---------------------------------------------------------------------------------------
     @classmethod
@@ -114,12 +116,14 @@ class PreTrainedModel:
         """
         got = load_pretrained(path, cls.architecture, strict=strict, dtype=dtype, seed=seed,
                               config_overrides=config_overrides or None)
-        return cls(got.config, got.params, hf_config=got.hf_config, load_report=got.report)
+        return cls(got.config, got.params, hf_config=got.hf_config, load_report=got.report,
+                   generation_config=got.generation_config)
 
     def save_pretrained(self, path: str | os.PathLike[str], *, max_shard_size: int | str = "5GB") -> None:
         """Write an HF-format directory that transformers' ``from_pretrained`` loads (atomic files)."""
         _save_pretrained(path, self.config, self.backend.to_numpy(self.params), self.architecture,
-                         self.hf_config or None, max_shard_size=max_shard_size)
+                         self.hf_config or None, max_shard_size=max_shard_size,
+                         generation_config=self.generation_config)
 
     def num_parameters(self) -> int:
         """Scalars in the parameter tree."""
@@ -140,12 +144,23 @@ class PreTrainedModel:
         """Token ids as transformers' ``generate`` (greedy, or beam search with ``num_beams``)."""
         if self.task not in ("causal_lm", "seq2seq_lm"):
             raise TypeError(f"{type(self).__name__} does not generate text")
-        for key, hf_key in (("eos_token_id", "eos_token_id"), ("pad_token_id", "pad_token_id"),
-                            ("decoder_start_token_id", "decoder_start_token_id")):
-            if options.get(key) is None and self.hf_config.get(hf_key) is not None:
-                options[key] = self.hf_config[hf_key]
+        for key, value in self.generation_defaults().items():
+            if key not in options:
+                options[key] = value
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         return self.backend.generate(self.task, self.config, self.params, inputs, **options)
+
+    def generation_defaults(self) -> dict[str, Any]:
+        """What transformers' ``generate`` takes from the model when not given: the EOS, pad and
+        decoder-start ids, and for Marian its logits rules (``forced_eos_token_id``, single-token
+        ``bad_words_ids``) -- from ``generation_config.json`` when the directory has one, as
+        transformers does, else from ``config.json``."""
+        source = self.generation_config if self.generation_config is not None else self.hf_config
+        mod = arch_module(self.model_type)
+        if hasattr(mod, "generation_options"):
+            return mod.generation_options(source)
+        keys = ("eos_token_id", "pad_token_id")
+        return {k: source[k] for k in keys if source.get(k) is not None}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config}, backend={self.backend.name})"

@@ -72,10 +72,12 @@ def test_greedy_identical_across_implementations_and_recompute(name):
 def test_beam_search_identical_across_implementations(name, length_penalty):
     config, params = _setup(name, seed=4)
     ids = np.random.default_rng(5).integers(0, config.vocab_size, (2, 3))
-    kw = dict(max_new_tokens=5, num_beams=3, length_penalty=length_penalty, eos_token_id=7, pad_token_id=0)
-    got_ref = rgen.beam_search(params, ids, config, **kw)
-    got_jax = np.asarray(jgen.beam_search(to_jax(params), ids, config, **kw))
-    np.testing.assert_array_equal(got_jax, got_ref)
+    for early_stopping in (False, True, "never"):
+        kw = dict(max_new_tokens=5, num_beams=3, length_penalty=length_penalty, early_stopping=early_stopping,
+                  num_return_sequences=2, eos_token_id=7, pad_token_id=0)
+        got_ref = rgen.beam_search(params, ids, config, **kw)
+        got_jax = np.asarray(jgen.beam_search(to_jax(params), ids, config, **kw))
+        np.testing.assert_array_equal(got_jax, got_ref)
 
 
 def test_beam_search_finds_a_sequence_at_least_as_likely_as_greedy():
@@ -103,7 +105,12 @@ def test_eos_then_padding():
     out = np.asarray(jgen.generate(to_jax(params), ids, config, max_new_tokens=6, eos_token_id=eos, pad_token_id=0))
     first = np.flatnonzero(out[0, 3:] == eos)[0]
     assert np.all(out[0, 3 + first + 1:] == 0)
-    np.testing.assert_array_equal(rgen.greedy(params, ids, config, max_new_tokens=6, eos_token_id=eos), out)
+    np.testing.assert_array_equal(rgen.greedy(params, ids, config, max_new_tokens=6, eos_token_id=eos,
+                                              pad_token_id=0), out)
+    # pad_token_id=None pads with the EOS id, as transformers does
+    hf_default = rgen.greedy(params, ids, config, max_new_tokens=6, eos_token_id=eos)
+    after_eos = np.cumsum(out[:, 3:] == eos, axis=1) - (out[:, 3:] == eos) > 0
+    np.testing.assert_array_equal(hf_default[:, 3:], np.where(after_eos, eos, out[:, 3:]))
 
 
 def test_sampling_is_keyed_and_filters_behave():

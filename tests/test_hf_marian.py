@@ -288,7 +288,5 @@ def test_logits_rules_are_checked():
             gen.seq2seq_generate(p, batch, config, max_new_tokens=2, suppress_tokens=(60,))
         with pytest.raises(ValueError, match="forced_eos_token_id=0 is also in suppress_tokens"):
             gen.seq2seq_generate(p, batch, config, max_new_tokens=2, suppress_tokens=(0,), forced_eos_token_id=0)
-        with pytest.raises(ValueError, match="greedy decoding"):
-            gen.seq2seq_generate(p, batch, config, max_new_tokens=2, num_beams=2, suppress_tokens=(PAD,))
     with pytest.raises(ValueError, match="multi-token sequence"):
         marian.generation_options({"bad_words_ids": [[PAD, EOS]]})

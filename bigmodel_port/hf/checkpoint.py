@@ -32,6 +32,7 @@ class Pretrained:
     task: str
     hf_config: dict[str, Any]
     report: LoadReport
+    generation_config: dict[str, Any] | None = None  # generation_config.json, when the directory has one
 
 
 def param_shapes(config: Config, task: str) -> dict[str, Any]:
@@ -115,7 +116,9 @@ def load_pretrained(
 
     params, report = import_state_dict(state, mod.mapping(config, arch), shapes, strict=strict, init=init,
                                        dtype=np_dtype)
-    return Pretrained(config, params, arch, task_, hf, report)
+    gen = d / "generation_config.json"
+    generation = json.loads(gen.read_text(encoding="utf-8")) if gen.is_file() else None
+    return Pretrained(config, params, arch, task_, hf, report, generation)
 
 
 def save_pretrained(
@@ -126,6 +129,7 @@ def save_pretrained(
     hf_config: dict[str, Any] | None = None,
     *,
     max_shard_size: int | str = "5GB",
+    generation_config: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``params`` as an HF model directory (``config.json`` + safetensors) that
     transformers' ``from_pretrained`` loads; every file is written atomically."""
@@ -141,6 +145,8 @@ def save_pretrained(
     save_state_dict(d, state, max_shard_size=max_shard_size)
     hf = mod.config_to_hf(config, architecture, hf_config)
     atomic_write_text(d / "config.json", json.dumps(hf, indent=2, sort_keys=True) + "\n")
+    if generation_config is not None:
+        atomic_write_text(d / "generation_config.json", json.dumps(generation_config, indent=2, sort_keys=True) + "\n")
     return d
 
 
