@@ -7,6 +7,12 @@ Layers are stacked on a leading L axis and run with ``jax.lax.scan``, so compile
 grow with depth. ``loss_and_grad`` is jit-compiled with ``config`` and ``head`` static and checks
 the concrete batch (ids, type ids, labels) before tracing, so a bad value raises instead of
 silently producing NaN.
+
+Training-mode dropout (sites and mask shapes: ``reference_numpy.models.bert``): pass
+``dropout_key`` and the masks are drawn inside (per layer inside the scan, from per-layer keys
+split before it), or pass an explicit ``masks`` tree; ``dropout_masks(config, key, B, T, head)``
+gives exactly the tree ``dropout_key=key`` draws, to hand the same masks to the reference.
+Neither = evaluation.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from bigmodel_jax.layers.block import block
+from bigmodel_jax.layers.dropout import MaskSource, dropout_mask_tree
 from bigmodel_jax.layers.embeddings import attend, embed, position_embedding
 from bigmodel_jax.layers.linear import linear
 from bigmodel_jax.layers.norms import layer_norm
@@ -34,13 +41,14 @@ from reference_numpy.models.bert import (
     check_batch,
     check_head,
     check_params,
+    dropout_mask_shapes,
     head_shapes,
 )
 from reference_numpy.tree import tree_map
 
 Tree = dict[str, Any]
 
-__all__ = ["HEADS", "init", "hidden_states", "pooler", "forward", "loss", "loss_and_grad"]
+__all__ = ["HEADS", "init", "dropout_masks", "hidden_states", "pooler", "forward", "loss", "loss_and_grad"]
 
 # Head leaves draw from fold_in(key(seed), _HEAD_STREAM), apart from the encoder's per-leaf keys.
 _HEAD_STREAM = 0x48454144  # "HEAD"
@@ -62,9 +70,32 @@ def init(config: BertConfig, seed: int = 0, head: str = "mlm") -> Tree:
     return tree_map(lambda a: a.astype(dtype), params)
 
 
-def hidden_states(params: Tree, batch: dict[str, Any], config: BertConfig) -> jax.Array:
-    """input_ids (B, T) [, attention_mask, token_type_ids (B, T)] -> last_hidden_state (B, T, D)."""
+def dropout_masks(config: BertConfig, key: jax.Array, batch_size: int, length: int, head: str = "mlm") -> Tree:
+    """The keep-masks ``forward(..., head, dropout_key=key)`` draws for a (B, T) batch, as one
+    tree (``reference_numpy.models.bert.dropout_mask_shapes``; layer leaves stacked on L)."""
+    return dropout_mask_tree(key, dropout_mask_shapes(config, batch_size, length, head), config.dropout)
+
+
+def _mask_source(batch: dict[str, Any], config: BertConfig, head: str, dropout_key: Any, masks: Any) -> MaskSource:
+    B, T = batch["input_ids"].shape
+    return MaskSource.make(dropout_mask_shapes(config, B, T, head), config.dropout, dropout_key=dropout_key,
+                           masks=masks)
+
+
+def hidden_states(
+    params: Tree, batch: dict[str, Any], config: BertConfig, *, dropout_key: jax.Array | None = None,
+    masks: Tree | None = None, head: str = "base",
+) -> jax.Array:
+    """input_ids (B, T) [, attention_mask, token_type_ids (B, T)] -> last_hidden_state (B, T, D).
+
+    ``dropout_key``: draw training dropout masks from it; ``masks``: explicit masks
+    (``dropout_masks(..., head)``; only the encoder's entries are read here); neither = evaluation."""
     check_batch(batch, config, "base")
+    return _encoder(params, batch, config, _mask_source(batch, config, head, dropout_key, masks))
+
+
+def _encoder(params: Tree, batch: dict[str, Any], config: BertConfig, drop: MaskSource) -> jax.Array:
+    """The embeddings and the L blocks, with dropout from ``drop`` -> (B, T, D)."""
     ids = batch["input_ids"]
     mask = as_bool_mask(batch.get("attention_mask"))
     types = batch.get("token_type_ids")
@@ -74,13 +105,14 @@ def hidden_states(params: Tree, batch: dict[str, Any], config: BertConfig) -> ja
     x = (embed(emb["word"], ids)  # (B, T, D)
          + position_embedding(emb["position"], jnp.arange(T))[None]  # (1, T, D)
          + embed(emb["token_type"], types))  # (B, T, D)
-    x = layer_norm(emb["norm"], x, config.norm_eps)
-    spec = block_spec(config)
+    x = drop.apply("embed", layer_norm(emb["norm"], x, config.norm_eps))
+    spec = drop.spec(block_spec(config))
 
-    def layer(h: jax.Array, p: Tree) -> tuple[jax.Array, None]:
-        return block(p, h, spec, key_padding_mask=mask), None
+    def layer(h: jax.Array, xs: tuple[Tree, Any]) -> tuple[jax.Array, None]:
+        p, m = xs  # this layer's parameters and its dropout key / masks (None in evaluation)
+        return block(p, h, spec, key_padding_mask=mask, masks=drop.layer_masks(m)), None
 
-    x, _ = jax.lax.scan(layer, x, params["layers"])
+    x, _ = jax.lax.scan(layer, x, (params["layers"], drop.layer_inputs()))
     return x
 
 
@@ -89,19 +121,27 @@ def pooler(params: Tree, h: jax.Array) -> jax.Array:
     return linear(params["pooler"], h[:, 0], "tanh")
 
 
-def forward(params: Tree, batch: dict[str, Any], config: BertConfig, head: str = "mlm") -> Any:
+def forward(
+    params: Tree, batch: dict[str, Any], config: BertConfig, head: str = "mlm", *,
+    dropout_key: jax.Array | None = None, masks: Tree | None = None,
+) -> Any:
     """Logits of ``head``: "mlm" (B, T, V), "sequence_classification" (B, C),
     "token_classification" (B, T, C), "question_answering" (B, T, 2) (start = [..., 0],
-    end = [..., 1]); "base" gives ``(last_hidden_state (B, T, D), pooler_output (B, D))``."""
+    end = [..., 1]); "base" gives ``(last_hidden_state (B, T, D), pooler_output (B, D))``.
+
+    ``dropout_key``: draw training dropout masks from it; ``masks``: explicit masks
+    (``dropout_masks(..., head)``); neither = evaluation."""
     check_params(params, head, config)
-    h = hidden_states(params, batch, config)
+    check_batch(batch, config, "base")
+    drop = _mask_source(batch, config, head, dropout_key, masks)
+    h = _encoder(params, batch, config, drop)
     if head == "mlm":
         p = params["mlm"]
         t = linear(p["transform"], h, config.activation)  # (B, T, D)
         n = layer_norm(p["norm"], t, config.norm_eps)
         return attend(params["embeddings"]["word"], n) + p["bias"]  # tied decoder, (B, T, V)
     if head == "token_classification":
-        return linear(params["classifier"], h)
+        return linear(params["classifier"], drop.apply("classifier", h))
     if head == "question_answering":
         return linear(params["qa"], h)
     if head == "base" and not config.pooler:
@@ -109,14 +149,18 @@ def forward(params: Tree, batch: dict[str, Any], config: BertConfig, head: str =
     pooled = pooler(params, h)
     if head == "base":
         return h, pooled
-    return linear(params["classifier"], pooled)  # sequence_classification
+    return linear(params["classifier"], drop.apply("classifier", pooled))  # sequence_classification
 
 
-def loss(params: Tree, batch: dict[str, Any], config: BertConfig, head: str = "mlm") -> jax.Array:
+def loss(
+    params: Tree, batch: dict[str, Any], config: BertConfig, head: str = "mlm", *,
+    dropout_key: jax.Array | None = None, masks: Tree | None = None,
+) -> jax.Array:
     """The head's mean loss (see ``reference_numpy.models.bert``); -100 labels are ignored, and
-    a question-answering position equal to T (answer outside the window) is ignored."""
+    a question-answering position equal to T (answer outside the window) is ignored (dropout:
+    see ``forward``)."""
     check_batch(batch, config, head, with_labels=True)
-    logits = forward(params, batch, config, head)
+    logits = forward(params, batch, config, head, dropout_key=dropout_key, masks=masks)
     if head == "question_answering":
         T = logits.shape[1]
         start = cross_entropy(logits[..., 0], batch["start_positions"], ignore_index=T)
@@ -127,17 +171,21 @@ def loss(params: Tree, batch: dict[str, Any], config: BertConfig, head: str = "m
 
 @partial(jax.jit, static_argnames=("config", "head"))
 def _loss_and_grad(
-    params: Tree, batch: dict[str, Any], config: BertConfig, head: str
+    params: Tree, batch: dict[str, Any], config: BertConfig, head: str, dropout_key: jax.Array | None,
+    masks: Tree | None,
 ) -> tuple[jax.Array, Tree]:
-    return jax.value_and_grad(loss)(params, batch, config, head)
+    return jax.value_and_grad(loss)(params, batch, config, head, dropout_key=dropout_key, masks=masks)
 
 
 def loss_and_grad(
-    params: Tree, batch: dict[str, Any], config: BertConfig, head: str = "mlm"
+    params: Tree, batch: dict[str, Any], config: BertConfig, head: str = "mlm", *,
+    dropout_key: jax.Array | None = None, masks: Tree | None = None,
 ) -> tuple[jax.Array, Tree]:
     """(loss, grads) by ``jax.grad``, jit-compiled with ``config`` and ``head`` static; the batch
-    is checked (values included) before tracing. Batch keys other than ``BATCH_KEYS`` are dropped."""
+    is checked (values included) before tracing. Batch keys other than ``BATCH_KEYS`` are dropped.
+    Dropout: see ``forward``."""
     check_params(params, head, config)
     check_batch(batch, config, head, with_labels=True)
+    _mask_source(batch, config, head, dropout_key, masks)  # argument errors before tracing
     batch = {k: batch[k] for k in BATCH_KEYS if batch.get(k) is not None}
-    return _loss_and_grad(params, batch, config, head)
+    return _loss_and_grad(params, batch, config, head, dropout_key, masks)

@@ -2,6 +2,12 @@
 
 Layers are stacked on a leading L axis and run with ``jax.lax.scan``, so compile time does not
 grow with depth.
+
+Training-mode dropout (sites and mask shapes: ``reference_numpy.models.gpt``): pass
+``dropout_key`` and the masks are drawn inside (per layer inside the scan, from per-layer keys
+split before it), or pass an explicit ``masks`` tree; ``dropout_masks(config, key, B, T)`` gives
+exactly the tree ``dropout_key=key`` draws, to hand the same masks to the reference. Neither =
+evaluation.
 """
 
 from __future__ import annotations
@@ -13,13 +19,14 @@ import jax
 import jax.numpy as jnp
 
 from bigmodel_jax.layers.block import block
+from bigmodel_jax.layers.dropout import MaskSource, dropout_mask_tree
 from bigmodel_jax.layers.embeddings import attend, embed, position_embedding
 from bigmodel_jax.layers.norms import layer_norm, rms_norm
 from bigmodel_jax.losses import cross_entropy
 from bigmodel_jax.models.common import init as _init
 from reference_numpy.configs import GPTConfig
 from reference_numpy.models.common import check_token_batch, require_keys
-from reference_numpy.models.gpt import block_spec
+from reference_numpy.models.gpt import block_spec, dropout_mask_shapes
 
 Tree = dict[str, Any]
 
@@ -29,55 +36,86 @@ def init(config: GPTConfig, seed: int = 0) -> Tree:
     return _init(config, seed)
 
 
-def hidden_states(params: Tree, batch: dict[str, Any], config: GPTConfig) -> jax.Array:
-    """input_ids (B, T) [, attention_mask (B, T)] -> final-norm hidden states (B, T, D)."""
+def dropout_masks(config: GPTConfig, key: jax.Array, batch_size: int, length: int) -> Tree:
+    """The keep-masks ``forward(..., dropout_key=key)`` draws for a (B, T) batch, as one tree
+    (``reference_numpy.models.gpt.dropout_mask_shapes``; layer leaves stacked on L)."""
+    return dropout_mask_tree(key, dropout_mask_shapes(config, batch_size, length), config.dropout)
+
+
+def hidden_states(
+    params: Tree, batch: dict[str, Any], config: GPTConfig, *, dropout_key: jax.Array | None = None,
+    masks: Tree | None = None,
+) -> jax.Array:
+    """input_ids (B, T) [, attention_mask (B, T)] -> final-norm hidden states (B, T, D).
+
+    ``dropout_key``: draw training dropout masks from it; ``masks``: explicit masks
+    (``dropout_masks``); neither = evaluation."""
     require_keys(batch, ["input_ids"], "gpt")
     ids, _ = check_token_batch(batch, "input_ids", config.vocab_size, config.max_len) if _concrete(
         batch["input_ids"]) else (batch["input_ids"], None)
     mask = batch.get("attention_mask")
     mask = None if mask is None else jnp.asarray(mask).astype(bool)
     B, T = ids.shape
+    drop = MaskSource.make(dropout_mask_shapes(config, B, T), config.dropout, dropout_key=dropout_key,
+                           masks=masks)
     positions = jnp.arange(T)
     x = embed(params["embed"], ids)  # (B, T, D)
     if config.positions == "learned":
         x = x + position_embedding(params["position"], positions)[None]
-    spec = block_spec(config)
+    x = drop.apply("embed", x)
+    spec = drop.spec(block_spec(config))
     rope_pos = positions if config.positions == "rope" else None
 
-    def layer(h: jax.Array, p: Tree) -> tuple[jax.Array, None]:
-        return block(p, h, spec, key_padding_mask=mask, positions=rope_pos), None
+    def layer(h: jax.Array, xs: tuple[Tree, Any]) -> tuple[jax.Array, None]:
+        p, m = xs  # this layer's parameters and its dropout key / masks (None in evaluation)
+        return block(p, h, spec, key_padding_mask=mask, positions=rope_pos, masks=drop.layer_masks(m)), None
 
-    x, _ = jax.lax.scan(layer, x, params["layers"])
+    x, _ = jax.lax.scan(layer, x, (params["layers"], drop.layer_inputs()))
     norm = layer_norm if config.norm == "layer" else rms_norm
     return norm(params["final_norm"], x, config.norm_eps)
 
 
-def forward(params: Tree, batch: dict[str, Any], config: GPTConfig) -> jax.Array:
-    """Logits (B, T, V) of the next token at every position."""
-    h = hidden_states(params, batch, config)
+def forward(
+    params: Tree, batch: dict[str, Any], config: GPTConfig, *, dropout_key: jax.Array | None = None,
+    masks: Tree | None = None,
+) -> jax.Array:
+    """Logits (B, T, V) of the next token at every position (dropout: see ``hidden_states``)."""
+    h = hidden_states(params, batch, config, dropout_key=dropout_key, masks=masks)
     if config.tie_embeddings:
         return attend(params["embed"], h)
     return jnp.einsum("BTD,DV->BTV", h, params["lm_head"]["kernel"])
 
 
-def loss(params: Tree, batch: dict[str, Any], config: GPTConfig) -> jax.Array:
+def loss(
+    params: Tree, batch: dict[str, Any], config: GPTConfig, *, dropout_key: jax.Array | None = None,
+    masks: Tree | None = None,
+) -> jax.Array:
     """Mean next-token cross-entropy; ``labels`` (default ``input_ids``) shifted inside, as in
-    HF: position t's logits predict ``labels[t + 1]``; label -100 is ignored."""
-    logits = forward(params, batch, config)
+    HF: position t's logits predict ``labels[t + 1]``; label -100 is ignored (dropout: see
+    ``hidden_states``)."""
+    logits = forward(params, batch, config, dropout_key=dropout_key, masks=masks)
     labels = batch.get("labels", batch["input_ids"])
     return cross_entropy(logits[:, :-1], labels[:, 1:])
 
 
 @partial(jax.jit, static_argnames="config")
-def _loss_and_grad(params: Tree, batch: dict[str, Any], config: GPTConfig) -> tuple[jax.Array, Tree]:
-    return jax.value_and_grad(loss)(params, batch, config)
+def _loss_and_grad(
+    params: Tree, batch: dict[str, Any], config: GPTConfig, dropout_key: jax.Array | None, masks: Tree | None
+) -> tuple[jax.Array, Tree]:
+    return jax.value_and_grad(loss)(params, batch, config, dropout_key=dropout_key, masks=masks)
 
 
-def loss_and_grad(params: Tree, batch: dict[str, Any], config: GPTConfig) -> tuple[jax.Array, Tree]:
-    """(loss, grads) by ``jax.grad``, jit-compiled; batch checked before tracing."""
+def loss_and_grad(
+    params: Tree, batch: dict[str, Any], config: GPTConfig, *, dropout_key: jax.Array | None = None,
+    masks: Tree | None = None,
+) -> tuple[jax.Array, Tree]:
+    """(loss, grads) by ``jax.grad``, jit-compiled; batch checked before tracing (dropout: see
+    ``hidden_states``)."""
     require_keys(batch, ["input_ids"], "gpt")
-    check_token_batch(batch, "input_ids", config.vocab_size, config.max_len)
-    return _loss_and_grad(params, batch, config)
+    ids, _ = check_token_batch(batch, "input_ids", config.vocab_size, config.max_len)
+    MaskSource.make(dropout_mask_shapes(config, *ids.shape), config.dropout, dropout_key=dropout_key,
+                    masks=masks)  # argument errors before tracing
+    return _loss_and_grad(params, batch, config, dropout_key, masks)
 
 
 def _concrete(x: Any) -> bool:

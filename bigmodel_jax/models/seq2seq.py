@@ -10,6 +10,13 @@ Both layer stacks are stacked on a leading L axis and run with ``jax.lax.scan``,
 time does not grow with depth. ``loss_and_grad`` is jit-compiled with the config static; the
 batch is checked (ids in range, lengths, mask shapes) before tracing, since a traced id has no
 value to check.
+
+Training-mode dropout (sites and mask shapes: ``reference_numpy.models.seq2seq``): pass
+``dropout_key`` and the masks are drawn inside (per layer inside each scan, from per-layer keys
+split before it), or pass an explicit ``masks`` tree; ``dropout_masks(config, key, B, S, T)``
+gives exactly the tree ``forward(..., dropout_key=key)`` draws, to hand the same masks to the
+reference. ``encode`` / ``decode`` take the ``"encoder"`` / ``"decoder"`` subtree (or their own
+key). Neither = evaluation.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from bigmodel_jax.layers.block import block
+from bigmodel_jax.layers.dropout import MaskSource, dropout_mask_tree
 from bigmodel_jax.layers.embeddings import attend, embed, sinusoidal_positions
 from bigmodel_jax.layers.norms import layer_norm
 from bigmodel_jax.losses import cross_entropy
@@ -34,8 +42,11 @@ from reference_numpy.models.seq2seq import (
     check_labels,
     check_source,
     check_target,
+    decoder_mask_shapes,
     decoder_spec,
+    dropout_mask_shapes,
     embed_scale,
+    encoder_mask_shapes,
     encoder_spec,
 )
 
@@ -45,6 +56,16 @@ Tree = dict[str, Any]
 def init(config: Seq2SeqConfig, seed: int = 0) -> Tree:
     """Fresh parameters for ``config`` (the reference's tree and init rules, JAX random stream)."""
     return _init(config, seed)
+
+
+def dropout_masks(
+    config: Seq2SeqConfig, key: jax.Array, batch_size: int, source_length: int, target_length: int
+) -> Tree:
+    """The keep-masks ``forward(..., dropout_key=key)`` draws for a (B, S) source and (B, T)
+    target, as one tree (``reference_numpy.models.seq2seq.dropout_mask_shapes``; layer leaves
+    stacked on L)."""
+    shapes = dropout_mask_shapes(config, batch_size, source_length, target_length)
+    return dropout_mask_tree(key, shapes, config.dropout)
 
 
 def _embed(table: Tree, ids: jax.Array, config: Seq2SeqConfig) -> jax.Array:
@@ -59,45 +80,77 @@ def _embed_at(table: Tree, ids: jax.Array, positions: jax.Array, config: Seq2Seq
     return x + pe[None]
 
 
-def encode(params: Tree, batch: dict[str, Any], config: Seq2SeqConfig) -> jax.Array:
-    """input_ids (B, S) [, attention_mask (B, S)] -> encoder output (B, S, D)."""
+def encode(
+    params: Tree, batch: dict[str, Any], config: Seq2SeqConfig, *, dropout_key: jax.Array | None = None,
+    masks: Tree | None = None,
+) -> jax.Array:
+    """input_ids (B, S) [, attention_mask (B, S)] -> encoder output (B, S, D).
+
+    ``dropout_key``: draw the encoder's training dropout masks from it; ``masks``: explicit ones
+    (``encoder_mask_shapes``, the ``"encoder"`` subtree of ``dropout_masks``); neither = evaluation."""
     require_keys(batch, ["input_ids"], "seq2seq")
     ids = batch["input_ids"]
     if concrete(ids):
         check_source(batch, config)
     check_array("input_ids", ids, ("B", "S"), kind="int")
+    drop = MaskSource.make(encoder_mask_shapes(config, *ids.shape), config.dropout, dropout_key=dropout_key,
+                           masks=masks)
+    return _encode(params, batch, config, drop)
+
+
+def _encode(params: Tree, batch: dict[str, Any], config: Seq2SeqConfig, drop: MaskSource) -> jax.Array:
+    """``encode`` with its dropout masks from ``drop`` (the batch is checked by the caller)."""
+    ids = batch["input_ids"]
     mask = as_bool_mask(batch.get("attention_mask"))
-    x = _embed(params["embed"], ids, config)
-    spec = encoder_spec(config)
+    x = drop.apply("embed", _embed(params["embed"], ids, config))
+    spec = drop.spec(encoder_spec(config))
 
-    def layer(h: jax.Array, p: Tree) -> tuple[jax.Array, None]:
-        return block(p, h, spec, key_padding_mask=mask), None
+    def layer(h: jax.Array, xs: tuple[Tree, Any]) -> tuple[jax.Array, None]:
+        p, m = xs  # this layer's parameters and its dropout key / masks (None in evaluation)
+        return block(p, h, spec, key_padding_mask=mask, masks=drop.layer_masks(m)), None
 
-    x, _ = jax.lax.scan(layer, x, params["encoder"]["layers"])
+    x, _ = jax.lax.scan(layer, x, (params["encoder"]["layers"], drop.layer_inputs()))
     if config.prenorm:
         x = layer_norm(params["encoder"]["final_norm"], x, config.norm_eps)
     return x
 
 
-def decode(params: Tree, enc: jax.Array, batch: dict[str, Any], config: Seq2SeqConfig) -> jax.Array:
+def decode(
+    params: Tree, enc: jax.Array, batch: dict[str, Any], config: Seq2SeqConfig, *,
+    dropout_key: jax.Array | None = None, masks: Tree | None = None,
+) -> jax.Array:
     """enc (B, S, D), decoder_input_ids (B, T) [, attention_mask (B, S) of the source,
-    decoder_attention_mask (B, T)] -> logits (B, T, V)."""
+    decoder_attention_mask (B, T)] -> logits (B, T, V).
+
+    ``dropout_key``: draw the decoder's training dropout masks from it; ``masks``: explicit ones
+    (``decoder_mask_shapes``, the ``"decoder"`` subtree of ``dropout_masks``); neither = evaluation."""
     require_keys(batch, ["decoder_input_ids"], "seq2seq")
     ids = batch["decoder_input_ids"]
     if concrete(ids):
         check_target(batch, config)
     check_array("decoder_input_ids", ids, ("B", "T"), kind="int")
     check_encoder_output(enc, batch, config, ids.shape[0])
+    shapes = decoder_mask_shapes(config, ids.shape[0], enc.shape[1], ids.shape[1])
+    drop = MaskSource.make(shapes, config.dropout, dropout_key=dropout_key, masks=masks)
+    return _decode(params, enc, batch, config, drop)
+
+
+def _decode(params: Tree, enc: jax.Array, batch: dict[str, Any], config: Seq2SeqConfig, drop: MaskSource) -> jax.Array:
+    """``decode`` with its dropout masks from ``drop`` (the ids are checked by the caller)."""
+    ids = batch["decoder_input_ids"]
+    check_encoder_output(enc, batch, config, ids.shape[0])
     src_mask = as_bool_mask(batch.get("attention_mask"))
     dec_mask = as_bool_mask(batch.get("decoder_attention_mask"))
     table = params["embed"] if config.share_embeddings else params["target_embed"]
-    y = _embed(table, ids, config)  # (B, T, D)
-    spec = decoder_spec(config)
+    y = drop.apply("embed", _embed(table, ids, config))  # (B, T, D)
+    spec = drop.spec(decoder_spec(config))
 
-    def layer(h: jax.Array, p: Tree) -> tuple[jax.Array, None]:
-        return block(p, h, spec, enc=enc, key_padding_mask=dec_mask, enc_padding_mask=src_mask), None
+    def layer(h: jax.Array, xs: tuple[Tree, Any]) -> tuple[jax.Array, None]:
+        p, m = xs  # this layer's parameters and its dropout key / masks (None in evaluation)
+        return block(p, h, spec, enc=enc, key_padding_mask=dec_mask, enc_padding_mask=src_mask,
+                     masks=drop.layer_masks(m)), None
 
-    y, _ = jax.lax.scan(layer, y, params["decoder"]["layers"])
+    y, _ = jax.lax.scan(layer, y, (params["decoder"]["layers"], drop.layer_inputs()))
     if config.prenorm:
         y = layer_norm(params["decoder"]["final_norm"], y, config.norm_eps)
     return output_logits(params, y, config)
@@ -124,26 +177,53 @@ def _check_batch(batch: dict[str, Any], config: Seq2SeqConfig) -> None:
         check_target(batch, config, ids.shape[0])
 
 
-def forward(params: Tree, batch: dict[str, Any], config: Seq2SeqConfig) -> jax.Array:
-    """Logits (B, T, V): position t's distribution over the token at ``labels[:, t]``."""
+def _mask_source(batch: dict[str, Any], config: Seq2SeqConfig, dropout_key: Any, masks: Any) -> MaskSource:
+    (B, S), T = batch["input_ids"].shape, batch["decoder_input_ids"].shape[1]
+    return MaskSource.make(dropout_mask_shapes(config, B, S, T), config.dropout, dropout_key=dropout_key,
+                           masks=masks)
+
+
+def forward(
+    params: Tree, batch: dict[str, Any], config: Seq2SeqConfig, *, dropout_key: jax.Array | None = None,
+    masks: Tree | None = None,
+) -> jax.Array:
+    """Logits (B, T, V): position t's distribution over the token at ``labels[:, t]``.
+
+    ``dropout_key``: draw training dropout masks from it (the encoder's from
+    ``fold_in(key, stream("encoder"))``, the decoder's likewise); ``masks``: explicit masks
+    (``dropout_masks``); neither = evaluation."""
     _check_batch(batch, config)
-    return decode(params, encode(params, batch, config), batch, config)
+    check_array("input_ids", batch["input_ids"], ("B", "S"), kind="int")
+    check_array("decoder_input_ids", batch["decoder_input_ids"], ("B", "T"), kind="int")
+    drop = _mask_source(batch, config, dropout_key, masks)
+    enc = _encode(params, batch, config, drop.sub("encoder"))
+    return _decode(params, enc, batch, config, drop.sub("decoder"))
 
 
-def loss(params: Tree, batch: dict[str, Any], config: Seq2SeqConfig) -> jax.Array:
+def loss(
+    params: Tree, batch: dict[str, Any], config: Seq2SeqConfig, *, dropout_key: jax.Array | None = None,
+    masks: Tree | None = None,
+) -> jax.Array:
     """Mean label-smoothed cross-entropy of ``logits[:, t]`` against ``labels[:, t]`` (no shift,
-    as HF's seq2seq models); label -100 is ignored."""
-    logits = forward(params, batch, config)
+    as HF's seq2seq models); label -100 is ignored (dropout: see ``forward``)."""
+    logits = forward(params, batch, config, dropout_key=dropout_key, masks=masks)
     return cross_entropy(logits, batch["labels"], label_smoothing=config.label_smoothing)
 
 
 @partial(jax.jit, static_argnames="config")
-def _loss_and_grad(params: Tree, batch: dict[str, Any], config: Seq2SeqConfig) -> tuple[jax.Array, Tree]:
-    return jax.value_and_grad(loss)(params, batch, config)
+def _loss_and_grad(
+    params: Tree, batch: dict[str, Any], config: Seq2SeqConfig, dropout_key: jax.Array | None, masks: Tree | None
+) -> tuple[jax.Array, Tree]:
+    return jax.value_and_grad(loss)(params, batch, config, dropout_key=dropout_key, masks=masks)
 
 
-def loss_and_grad(params: Tree, batch: dict[str, Any], config: Seq2SeqConfig) -> tuple[jax.Array, Tree]:
-    """(loss, grads) by ``jax.grad``, jit-compiled; batch checked before tracing."""
+def loss_and_grad(
+    params: Tree, batch: dict[str, Any], config: Seq2SeqConfig, *, dropout_key: jax.Array | None = None,
+    masks: Tree | None = None,
+) -> tuple[jax.Array, Tree]:
+    """(loss, grads) by ``jax.grad``, jit-compiled; batch checked before tracing (dropout: see
+    ``forward``)."""
     _check_batch(batch, config)
     check_labels(batch, config)
-    return _loss_and_grad(params, batch, config)
+    _mask_source(batch, config, dropout_key, masks)  # argument errors before tracing
+    return _loss_and_grad(params, batch, config, dropout_key, masks)

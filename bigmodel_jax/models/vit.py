@@ -6,6 +6,12 @@ h / w count patch rows / columns and p / q index a pixel inside its patch.
 
 Layers are stacked on a leading L axis and run with ``jax.lax.scan``, so compile time does not
 grow with depth. ``ViT`` is a Flax linen module whose ``init`` gives exactly the reference tree.
+
+Training-mode dropout (sites and mask shapes: ``reference_numpy.models.vit``): pass
+``dropout_key`` and the masks are drawn inside (per layer inside the scan, from per-layer keys
+split before it), or pass an explicit ``masks`` tree; ``dropout_masks(config, key, B)`` gives
+exactly the tree ``dropout_key=key`` draws, to hand the same masks to the reference. Neither =
+evaluation.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import jax.numpy as jnp
 from einops import rearrange
 
 from bigmodel_jax.layers.block import block
+from bigmodel_jax.layers.dropout import MaskSource, dropout_mask_tree
 from bigmodel_jax.layers.embeddings import position_embedding
 from bigmodel_jax.layers.linear import linear
 from bigmodel_jax.layers.norms import layer_norm
@@ -27,7 +34,7 @@ from bigmodel_jax.losses import cross_entropy
 from bigmodel_jax.models.common import init as _init
 from bigmodel_jax.models.common import subtree_init
 from reference_numpy.configs import ViTConfig, param_shapes
-from reference_numpy.models.vit import block_spec, check_labels, check_params, check_pixels
+from reference_numpy.models.vit import block_spec, check_labels, check_params, check_pixels, dropout_mask_shapes
 from reference_numpy.models.vit import no_classifier_error
 from reference_numpy.tree import tree_map
 
@@ -55,22 +62,37 @@ def patch_embed(params: Tree, pixel_values: jax.Array, patch_size: int) -> jax.A
     return linear(params, patchify(pixel_values, patch_size))
 
 
-def hidden_states(params: Tree, batch: dict[str, Any], config: ViTConfig) -> jax.Array:
+def dropout_masks(config: ViTConfig, key: jax.Array, batch_size: int) -> Tree:
+    """The keep-masks ``forward(..., dropout_key=key)`` draws for B images, as one tree
+    (``reference_numpy.models.vit.dropout_mask_shapes``; layer leaves stacked on L)."""
+    return dropout_mask_tree(key, dropout_mask_shapes(config, batch_size), config.dropout)
+
+
+def hidden_states(
+    params: Tree, batch: dict[str, Any], config: ViTConfig, *, dropout_key: jax.Array | None = None,
+    masks: Tree | None = None,
+) -> jax.Array:
     """pixel_values (B, C, H, W) -> last_hidden_state (B, N + 1, D) after the final LayerNorm;
-    token 0 is the class token (HF's ``last_hidden_state``)."""
+    token 0 is the class token (HF's ``last_hidden_state``).
+
+    ``dropout_key``: draw training dropout masks from it; ``masks``: explicit masks
+    (``dropout_masks``); neither = evaluation."""
     check_params(params, config)
     px = check_pixels(batch, config, params["patch_embed"]["kernel"].dtype)
     B = px.shape[0]
+    drop = MaskSource.make(dropout_mask_shapes(config, B), config.dropout, dropout_key=dropout_key, masks=masks)
     tokens = patch_embed(params["patch_embed"], px, config.patch_size)  # (B, N, D)
     cls = jnp.broadcast_to(params["cls_token"], (B, 1, config.d_model))
     x = jnp.concatenate([cls, tokens], axis=1)  # (B, N + 1, D)
     x = x + position_embedding(params["position"], jnp.arange(config.max_len))[None]
-    spec = block_spec(config)
+    x = drop.apply("embed", x)
+    spec = drop.spec(block_spec(config))
 
-    def layer(h: jax.Array, p: Tree) -> tuple[jax.Array, None]:
-        return block(p, h, spec), None
+    def layer(h: jax.Array, xs: tuple[Tree, Any]) -> tuple[jax.Array, None]:
+        p, m = xs  # this layer's parameters and its dropout key / masks (None in evaluation)
+        return block(p, h, spec, masks=drop.layer_masks(m)), None
 
-    x, _ = jax.lax.scan(layer, x, params["layers"])
+    x, _ = jax.lax.scan(layer, x, (params["layers"], drop.layer_inputs()))
     return layer_norm(params["final_norm"], x, config.norm_eps)
 
 
@@ -81,22 +103,29 @@ def pooler_output(params: Tree, h: jax.Array) -> jax.Array:
     return linear(params["pooler"], h[:, 0], "tanh")
 
 
-def encode(params: Tree, batch: dict[str, Any], config: ViTConfig) -> tuple[jax.Array, jax.Array | None]:
+def encode(
+    params: Tree, batch: dict[str, Any], config: ViTConfig, *, dropout_key: jax.Array | None = None,
+    masks: Tree | None = None,
+) -> tuple[jax.Array, jax.Array | None]:
     """HF ``ViTModel``'s outputs: ``(last_hidden_state (B, N + 1, D), pooler_output (B, D))``;
-    pooler_output is None when ``config.pooler`` is False."""
-    h = hidden_states(params, batch, config)
+    pooler_output is None when ``config.pooler`` is False (dropout: see ``hidden_states``)."""
+    h = hidden_states(params, batch, config, dropout_key=dropout_key, masks=masks)
     return h, (pooler_output(params, h) if config.pooler else None)
 
 
 jit_encode = jax.jit(encode, static_argnames="config")
 
 
-def forward(params: Tree, batch: dict[str, Any], config: ViTConfig) -> jax.Array:
+def forward(
+    params: Tree, batch: dict[str, Any], config: ViTConfig, *, dropout_key: jax.Array | None = None,
+    masks: Tree | None = None,
+) -> jax.Array:
     """Class logits (B, num_labels) from the class token of the last hidden state (as HF's
-    ``ViTForImageClassification``: not from the pooler). Needs ``config.classifier``."""
+    ``ViTForImageClassification``: not from the pooler). Needs ``config.classifier``
+    (dropout: see ``hidden_states``)."""
     if not config.classifier:
         raise no_classifier_error(config)
-    h = hidden_states(params, batch, config)
+    h = hidden_states(params, batch, config, dropout_key=dropout_key, masks=masks)
     return linear(params["head"], h[:, 0])
 
 
@@ -105,22 +134,34 @@ def forward(params: Tree, batch: dict[str, Any], config: ViTConfig) -> jax.Array
 jit_forward = jax.jit(forward, static_argnames="config")
 
 
-def loss(params: Tree, batch: dict[str, Any], config: ViTConfig) -> jax.Array:
-    """Mean cross-entropy of the class logits against ``labels`` (B,) in [0, num_labels)."""
-    return cross_entropy(forward(params, batch, config), batch["labels"])
+def loss(
+    params: Tree, batch: dict[str, Any], config: ViTConfig, *, dropout_key: jax.Array | None = None,
+    masks: Tree | None = None,
+) -> jax.Array:
+    """Mean cross-entropy of the class logits against ``labels`` (B,) in [0, num_labels)
+    (dropout: see ``hidden_states``)."""
+    return cross_entropy(forward(params, batch, config, dropout_key=dropout_key, masks=masks), batch["labels"])
 
 
 @partial(jax.jit, static_argnames="config")
-def _loss_and_grad(params: Tree, batch: dict[str, Any], config: ViTConfig) -> tuple[jax.Array, Tree]:
-    return jax.value_and_grad(loss)(params, batch, config)
+def _loss_and_grad(
+    params: Tree, batch: dict[str, Any], config: ViTConfig, dropout_key: jax.Array | None, masks: Tree | None
+) -> tuple[jax.Array, Tree]:
+    return jax.value_and_grad(loss)(params, batch, config, dropout_key=dropout_key, masks=masks)
 
 
-def loss_and_grad(params: Tree, batch: dict[str, Any], config: ViTConfig) -> tuple[jax.Array, Tree]:
+def loss_and_grad(
+    params: Tree, batch: dict[str, Any], config: ViTConfig, *, dropout_key: jax.Array | None = None,
+    masks: Tree | None = None,
+) -> tuple[jax.Array, Tree]:
     """(loss, grads) by ``jax.grad``, jit-compiled with ``config`` static; batch checked before
-    tracing (so out-of-range labels raise instead of silently producing NaN)."""
+    tracing (so out-of-range labels raise instead of silently producing NaN). Dropout: see
+    ``hidden_states``."""
     px = check_pixels(batch, config, params["patch_embed"]["kernel"].dtype)
     check_labels(batch, config, px.shape[0])
-    return _loss_and_grad(params, {"pixel_values": px, "labels": batch["labels"]}, config)
+    MaskSource.make(dropout_mask_shapes(config, px.shape[0]), config.dropout, dropout_key=dropout_key,
+                    masks=masks)  # argument errors before tracing
+    return _loss_and_grad(params, {"pixel_values": px, "labels": batch["labels"]}, config, dropout_key, masks)
 
 
 class ViT(nn.Module):
@@ -146,13 +187,17 @@ class ViT(nn.Module):
         """The parameter tree (for ``init(..., method=ViT.params)``)."""
         return unfreeze(self._tree)  # setup freezes dict attributes; the layers expect plain dicts
 
-    def encode(self, pixel_values: jax.Array) -> tuple[jax.Array, jax.Array | None]:
-        """pixel_values (B, C, H, W) -> (last_hidden_state (B, N + 1, D), pooler_output (B, D) or None)."""
-        return encode(self.params(), {"pixel_values": pixel_values}, self.config)
+    def encode(
+        self, pixel_values: jax.Array, dropout_key: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """pixel_values (B, C, H, W) -> (last_hidden_state (B, N + 1, D), pooler_output (B, D) or None);
+        ``dropout_key``: training dropout (None = evaluation)."""
+        return encode(self.params(), {"pixel_values": pixel_values}, self.config, dropout_key=dropout_key)
 
-    def __call__(self, pixel_values: jax.Array) -> Any:
+    def __call__(self, pixel_values: jax.Array, dropout_key: jax.Array | None = None) -> Any:
         """pixel_values (B, C, H, W) -> class logits (B, num_labels) with ``config.classifier``,
-        else ``(last_hidden_state, pooler_output or None)``."""
+        else ``(last_hidden_state, pooler_output or None)``; ``dropout_key``: training dropout
+        (None = evaluation)."""
         if not self.config.classifier:
-            return self.encode(pixel_values)
-        return forward(self.params(), {"pixel_values": pixel_values}, self.config)
+            return self.encode(pixel_values, dropout_key)
+        return forward(self.params(), {"pixel_values": pixel_values}, self.config, dropout_key=dropout_key)

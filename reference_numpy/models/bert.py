@@ -45,7 +45,19 @@ masked-LM, token-classification and QA models have none (``pooler=False``; "base
 * ``token_type_ids`` default to zeros; ``attention_mask`` (B, T), 1 = attend, defaults to all
   ones. A query row whose keys are all padding gets zero attention weights (HF gives it a
   uniform row); only fully padded sequences differ, and their outputs are meaningless anyway.
-* Evaluation forward: dropout is not applied (``config.dropout`` is a training setting).
+* Training-mode dropout (HF BERT's sites, one rate ``config.dropout`` for hidden and attention
+  dropout) when ``masks`` is given, a tree shaped by ``dropout_mask_shapes`` (keep-masks,
+  True = keep, kept entries scaled by 1 / (1 - p)); no masks = evaluation:
+
+      x = drop(LN_emb(...); masks["embed"] (B, T, D))             after the embedding LayerNorm
+      in block l: attention probs masks["layers"]["attn_probs"][l] (B, H, T, T)
+                  attention output / MLP output, before the residual add and the norm:
+                  masks["layers"]["attn_out"][l], masks["layers"]["mlp_out"][l]   (B, T, D)
+      "sequence_classification": logits = drop(pooled; masks["classifier"] (B, D)) W_cls + b_cls
+      "token_classification":    logits = drop(h; masks["classifier"] (B, T, D)) W_cls + b_cls
+      (HF's ``BertFor*Classification`` dropout before the classifier; MLM / QA heads have none)
+
+  The JAX model draws the same tree from a key (``bigmodel_jax.models.bert.dropout_masks``).
 * Initialisation: ``models.common.init_rule`` (norm scales 1, biases 0, other leaves N(0, 0.02),
   residual-writing projections N(0, 0.02 / sqrt(2 L))). The encoder leaves are drawn first, then
   the head's, so one seed gives the same encoder for every head.
@@ -57,6 +69,7 @@ gradient lands on token 0 only; the position gradient sums over the batch.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -65,6 +78,12 @@ import numpy as np
 from reference_numpy.checks import is_tracer, check_array, check_ids
 from reference_numpy.configs import BertConfig, param_shapes as _encoder_shapes
 from reference_numpy.layers.block import BlockSpec, block_backward, block_forward
+from reference_numpy.layers.dropout import (
+    dropout_backward,
+    dropout_mask_tree,
+    optional_dropout_forward,
+    resolve_mask_tree,
+)
 from reference_numpy.layers.embeddings import (
     embedding_attend,
     embedding_attend_backward,
@@ -146,6 +165,24 @@ def block_spec(config: BertConfig) -> BlockSpec:
     """The encoder block: post-norm, bidirectional self-attention, LayerNorm, plain MLP."""
     return BlockSpec(prenorm=False, norm="layer", norm_eps=config.norm_eps, activation=config.activation,
                      causal=False)
+
+
+def dropout_mask_shapes(config: BertConfig, batch_size: int, length: int, head: str = "mlm") -> dict[str, Any]:
+    """Shapes of the training masks for a (B, T) batch and ``head`` (shared with the JAX model):
+    ``{"embed": (B, T, D), "layers": {"attn_probs": (L, B, H, T, T), "attn_out": (L, B, T, D),
+    "mlp_out": (L, B, T, D)}}`` plus ``"classifier"`` ((B, D) for sequence classification,
+    (B, T, D) for token classification)."""
+    check_head(head)
+    B, T, D, H, L = batch_size, length, config.d_model, config.n_heads, config.n_layers
+    shapes: dict[str, Any] = {
+        "embed": (B, T, D),
+        "layers": {"attn_probs": (L, B, H, T, T), "attn_out": (L, B, T, D), "mlp_out": (L, B, T, D)},
+    }
+    if head == "sequence_classification":
+        shapes["classifier"] = (B, D)
+    elif head == "token_classification":
+        shapes["classifier"] = (B, T, D)
+    return shapes
 
 
 def check_params(params: Tree, head: str, config: BertConfig | None = None) -> None:
@@ -239,37 +276,53 @@ def init(config: BertConfig, rng: np.random.Generator | int, head: str = "mlm") 
     return params
 
 
-def _head_forward(params: Tree, h: np.ndarray, config: BertConfig, head: str) -> tuple[Any, Any]:
-    """last_hidden_state (B, T, D) -> the head's output (see the module docstring) and its cache."""
+def dropout_masks(
+    config: BertConfig, rng: np.random.Generator, batch_size: int, length: int, head: str = "mlm"
+) -> Tree:
+    """A fresh tree of keep-masks (``dropout_mask_shapes``) drawn with P(keep) = 1 - config.dropout."""
+    return dropout_mask_tree(rng, dropout_mask_shapes(config, batch_size, length, head), config.dropout)
+
+
+def _head_forward(
+    params: Tree, h: np.ndarray, config: BertConfig, head: str, masks: Tree | None = None
+) -> tuple[Any, Any, Any]:
+    """last_hidden_state (B, T, D) -> the head's output (see the module docstring), its cache and
+    the cache of the dropout before the classifier (None in evaluation / for other heads)."""
+    cls_mask = None if masks is None else masks.get("classifier")
     if head == "mlm":
         p = params["mlm"]
         t, c_t = linear_forward(p["transform"], h, config.activation)  # (B, T, D)
         n, c_n = layer_norm_forward(p["norm"], t, eps=config.norm_eps)  # (B, T, D)
         logits, c_dec = embedding_attend(params["embeddings"]["word"], n)  # (B, T, V), tied decoder
-        return logits + p["bias"], (c_t, c_n, c_dec)
+        return logits + p["bias"], (c_t, c_n, c_dec), None
     if head == "token_classification":
-        return linear_forward(params["classifier"], h)  # (B, T, C)
+        hd, c_drop = optional_dropout_forward(h, cls_mask, config.dropout)
+        return (*linear_forward(params["classifier"], hd), c_drop)  # (B, T, C)
     if head == "question_answering":
-        return linear_forward(params["qa"], h)  # (B, T, 2)
+        return (*linear_forward(params["qa"], h), None)  # (B, T, 2)
     if head == "base" and not config.pooler:
-        return (h, None), (None, None)
+        return (h, None), (None, None), None
     pooled, c_pool = linear_forward(params["pooler"], h[:, 0], "tanh")  # (B, D)
     if head == "base":
-        return (h, pooled), (c_pool, None)
+        return (h, pooled), (c_pool, None), None
+    pooled, c_drop = optional_dropout_forward(pooled, cls_mask, config.dropout)
     logits, c_cls = linear_forward(params["classifier"], pooled)  # (B, C)
-    return logits, (c_pool, c_cls)
+    return logits, (c_pool, c_cls), c_drop
 
 
 def forward_with_cache(
-    params: Tree, batch: dict[str, Any], config: BertConfig, head: str = "mlm"
+    params: Tree, batch: dict[str, Any], config: BertConfig, head: str = "mlm", *, masks: Tree | None = None
 ) -> tuple[Any, Any]:
-    """The head's output (see the module docstring) and everything backward needs."""
+    """The head's output (see the module docstring) and everything backward needs. ``masks``:
+    training dropout masks (``dropout_mask_shapes``; e.g. ``np.asarray`` of the JAX
+    ``dropout_masks``), None = evaluation."""
     check_params(params, head, config)
     check_batch(batch, config, head)
     ids = np.asarray(batch["input_ids"])
     mask = batch.get("attention_mask")
     mask = None if mask is None else np.asarray(mask).astype(bool)  # (B, T), True = attend
     B, T = ids.shape
+    masks = resolve_mask_tree(masks, dropout_mask_shapes(config, B, T, head), config.dropout)
     types = batch.get("token_type_ids")
     types = np.zeros_like(ids) if types is None else np.asarray(types)
     emb = params["embeddings"]
@@ -277,20 +330,28 @@ def forward_with_cache(
     p, c_pos = position_embedding_forward(emb["position"], np.arange(T))  # (T, D)
     s, c_type = embedding_forward(emb["token_type"], types)  # (B, T, D)
     x, c_emb_norm = layer_norm_forward(emb["norm"], w + p + s, eps=config.norm_eps)
+    x, c_emb_drop = optional_dropout_forward(x, None if masks is None else masks["embed"], config.dropout)
     spec = block_spec(config)
+    if masks is not None:
+        spec = dataclasses.replace(spec, dropout_rate=config.dropout)
     c_blocks = []
     for i in range(config.n_layers):  # a loop over layers, not tokens
-        x, c = block_forward(layer(params["layers"], i), x, spec, key_padding_mask=mask)
+        m = None if masks is None else layer(masks["layers"], i)
+        x, c = block_forward(layer(params["layers"], i), x, spec, key_padding_mask=mask, masks=m)
         c_blocks.append(c)
-    out, c_head = _head_forward(params, x, config, head)
+    out, c_head, c_cls_drop = _head_forward(params, x, config, head, masks)
     cache = {"head": head, "h_shape": x.shape, "word": c_word, "pos": c_pos, "type": c_type,
-             "emb_norm": c_emb_norm, "blocks": c_blocks, "out": c_head}
+             "emb_norm": c_emb_norm, "emb_drop": c_emb_drop, "blocks": c_blocks, "out": c_head,
+             "cls_drop": c_cls_drop}
     return out, cache
 
 
-def forward(params: Tree, batch: dict[str, Any], config: BertConfig, head: str = "mlm") -> Any:
-    """Logits of ``head`` ((B, T, V) for "mlm"), or ``(last_hidden_state, pooler_output)`` for "base"."""
-    return forward_with_cache(params, batch, config, head)[0]
+def forward(
+    params: Tree, batch: dict[str, Any], config: BertConfig, head: str = "mlm", *, masks: Tree | None = None
+) -> Any:
+    """Logits of ``head`` ((B, T, V) for "mlm"), or ``(last_hidden_state, pooler_output)`` for "base"
+    (``masks``: see ``forward_with_cache``)."""
+    return forward_with_cache(params, batch, config, head, masks=masks)[0]
 
 
 def output_shape(config: BertConfig, head: str, B: int, T: int) -> tuple[int, ...]:
@@ -336,11 +397,13 @@ def backward(params: Tree, cache: Any, dlogits: Any, config: BertConfig, head: s
         dh, grads["mlm"]["transform"] = linear_backward(p["transform"], c_t, dt)
     elif head == "token_classification":
         dh, grads["classifier"] = linear_backward(params["classifier"], c_head, dlogits)
+        dh = dropout_backward(cache["cls_drop"], dh)
     elif head == "question_answering":
         dh, grads["qa"] = linear_backward(params["qa"], c_head, dlogits)
     elif head == "sequence_classification":
         _, c_cls = c_head
         dpooled, grads["classifier"] = linear_backward(params["classifier"], c_cls, dlogits)
+        dpooled = dropout_backward(cache["cls_drop"], dpooled)
         dh = np.zeros((B, T, D), dtype)
     if dpooled is not None and config.pooler:  # pooler reads token 0 only
         c_pool, _ = c_head
@@ -357,6 +420,7 @@ def backward(params: Tree, cache: Any, dlogits: Any, config: BertConfig, head: s
 
     emb = params["embeddings"]
     g_emb = grads["embeddings"]
+    dx = dropout_backward(cache["emb_drop"], dx)  # the embedding dropout (identity in evaluation)
     de, g_emb["norm"] = layer_norm_backward(emb["norm"], cache["emb_norm"], dx)  # d(word + pos + type)
     _, g_emb["word"] = embedding_backward(emb["word"], cache["word"], de)
     _, g_emb["position"] = position_embedding_backward(emb["position"], cache["pos"], de)  # sums over B
@@ -383,10 +447,11 @@ def loss_from_logits(logits: np.ndarray, batch: dict[str, Any], head: str) -> tu
 
 
 def loss_and_grad(
-    params: Tree, batch: dict[str, Any], config: BertConfig, head: str = "mlm"
+    params: Tree, batch: dict[str, Any], config: BertConfig, head: str = "mlm", *, masks: Tree | None = None
 ) -> tuple[np.ndarray, Tree]:
-    """The head's mean loss (module docstring) and its gradient, by the hand-written backward."""
+    """The head's mean loss (module docstring) and its gradient, by the hand-written backward
+    (``masks``: training dropout masks, see ``forward_with_cache``; None = evaluation)."""
     check_batch(batch, config, head, with_labels=True)
-    logits, cache = forward_with_cache(params, batch, config, head)
+    logits, cache = forward_with_cache(params, batch, config, head, masks=masks)
     loss, dlogits = loss_from_logits(logits, batch, head)
     return loss, backward(params, cache, dlogits, config, head)

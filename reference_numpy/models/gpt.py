@@ -5,16 +5,36 @@
     h = norm_f(x)
     logits = h E^T (tied) or h W_lm                         (B, T, V)
     loss = CE(logits[:, :-1], labels[:, 1:])   (labels default to input_ids; -100 ignored)
+
+Training-mode dropout (HF GPT-2's three sites, one rate ``config.dropout``) when ``masks`` is
+given, a tree shaped by ``dropout_mask_shapes`` (keep-masks, True = keep, scale 1 / (1 - p)):
+
+    x = drop(x; masks["embed"] (B, T, D))                      after embeddings (+ positions)
+    in block l: attention probs  masks["layers"]["attn_probs"][l]  (B, H, T, T)
+                attention output masks["layers"]["attn_out"][l]    (B, T, D)   before the residual add
+                MLP output       masks["layers"]["mlp_out"][l]     (B, T, D)   before the residual add
+
+No masks = evaluation. The JAX model draws the same tree from a key
+(``bigmodel_jax.models.gpt.dropout_masks``), so one tree can be fed to both sides. HF Llama
+drops only the attention probabilities; these configs use GPT-2's sites whatever the switches
+(published Llama checkpoints have ``attention_dropout = 0``, i.e. ``dropout = 0``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
 
 from reference_numpy.configs import GPTConfig, param_shapes
 from reference_numpy.layers.block import BlockSpec, block_backward, block_forward
+from reference_numpy.layers.dropout import (
+    dropout_backward,
+    dropout_mask_tree,
+    optional_dropout_forward,
+    resolve_mask_tree,
+)
 from reference_numpy.layers.embeddings import (
     embedding_attend,
     embedding_attend_backward,
@@ -39,6 +59,20 @@ def block_spec(config: GPTConfig) -> BlockSpec:
     )
 
 
+def dropout_mask_shapes(config: GPTConfig, batch_size: int, length: int) -> dict[str, Any]:
+    """Shapes of the training masks for a (B, T) batch (shared with the JAX model):
+    ``{"embed": (B, T, D), "layers": {"attn_probs": (L, B, H, T, T), "attn_out": (L, B, T, D),
+    "mlp_out": (L, B, T, D)}}``."""
+    B, T, D, H, L = batch_size, length, config.d_model, config.n_heads, config.n_layers
+    return {"embed": (B, T, D),
+            "layers": {"attn_probs": (L, B, H, T, T), "attn_out": (L, B, T, D), "mlp_out": (L, B, T, D)}}
+
+
+def dropout_masks(config: GPTConfig, rng: np.random.Generator, batch_size: int, length: int) -> Tree:
+    """A fresh tree of keep-masks (``dropout_mask_shapes``) drawn with P(keep) = 1 - config.dropout."""
+    return dropout_mask_tree(rng, dropout_mask_shapes(config, batch_size, length), config.dropout)
+
+
 def init(config: GPTConfig, rng: np.random.Generator) -> Tree:
     """Fresh parameters (same rules as ``bigmodel_jax.models.gpt.init``, NumPy random stream)."""
     return init_params(param_shapes(config), config.n_layers, rng, np.dtype(config.dtype))
@@ -50,52 +84,64 @@ def _norm(config: GPTConfig):
     return rms_norm_forward, rms_norm_backward
 
 
-def _trunk_with_cache(params: Tree, batch: dict[str, Any], config: GPTConfig) -> tuple[np.ndarray, Any]:
+def _trunk_with_cache(
+    params: Tree, batch: dict[str, Any], config: GPTConfig, masks: Tree | None = None
+) -> tuple[np.ndarray, Any]:
     """Final-norm hidden states (B, T, D) and the trunk's caches (everything but the head)."""
     require_keys(batch, ["input_ids"], "gpt")
     ids, mask = check_token_batch(batch, "input_ids", config.vocab_size, config.max_len)
     B, T = ids.shape
+    masks = resolve_mask_tree(masks, dropout_mask_shapes(config, B, T), config.dropout)
     positions = np.arange(T)
     x, c_embed = embedding_forward(params["embed"], ids)
     c_pos = None
     if config.positions == "learned":
         p, c_pos = position_embedding_forward(params["position"], positions)
         x = x + p
+    x, c_drop = optional_dropout_forward(x, None if masks is None else masks["embed"], config.dropout)
     spec = block_spec(config)
+    if masks is not None:
+        spec = dataclasses.replace(spec, dropout_rate=config.dropout)
     rope_pos = positions if config.positions == "rope" else None
     c_blocks = []
     for i in range(config.n_layers):  # a loop over layers, not tokens
-        x, c = block_forward(layer(params["layers"], i), x, spec, key_padding_mask=mask, positions=rope_pos)
+        m = None if masks is None else layer(masks["layers"], i)
+        x, c = block_forward(layer(params["layers"], i), x, spec, key_padding_mask=mask, positions=rope_pos,
+                             masks=m)
         c_blocks.append(c)
     norm_fwd, _ = _norm(config)
     h, c_norm = norm_fwd(params["final_norm"], x, eps=config.norm_eps)
-    return h, (c_embed, c_pos, c_blocks, c_norm)
+    return h, (c_embed, c_pos, c_drop, c_blocks, c_norm)
 
 
-def hidden_states(params: Tree, batch: dict[str, Any], config: GPTConfig) -> np.ndarray:
+def hidden_states(params: Tree, batch: dict[str, Any], config: GPTConfig, *, masks: Tree | None = None) -> np.ndarray:
     """input_ids (B, T) [, attention_mask (B, T)] -> final-norm hidden states (B, T, D)
-    (HF's base-model ``last_hidden_state``); the twin of ``bigmodel_jax.models.gpt.hidden_states``."""
-    return _trunk_with_cache(params, batch, config)[0]
+    (HF's base-model ``last_hidden_state``); the twin of ``bigmodel_jax.models.gpt.hidden_states``.
+    ``masks``: training dropout masks (``dropout_mask_shapes``), None = evaluation."""
+    return _trunk_with_cache(params, batch, config, masks)[0]
 
 
-def forward_with_cache(params: Tree, batch: dict[str, Any], config: GPTConfig) -> tuple[np.ndarray, Any]:
-    """Logits (B, T, V) and everything backward needs."""
-    h, (c_embed, c_pos, c_blocks, c_norm) = _trunk_with_cache(params, batch, config)
+def forward_with_cache(
+    params: Tree, batch: dict[str, Any], config: GPTConfig, *, masks: Tree | None = None
+) -> tuple[np.ndarray, Any]:
+    """Logits (B, T, V) and everything backward needs. ``masks``: training dropout masks
+    (``dropout_mask_shapes``; e.g. ``np.asarray`` of the JAX ``dropout_masks``), None = evaluation."""
+    h, trunk = _trunk_with_cache(params, batch, config, masks)
     if config.tie_embeddings:
         logits, c_head = embedding_attend(params["embed"], h)
     else:
         logits, c_head = h @ params["lm_head"]["kernel"], h
-    return logits, (c_embed, c_pos, c_blocks, c_norm, c_head)
+    return logits, (*trunk, c_head)
 
 
-def forward(params: Tree, batch: dict[str, Any], config: GPTConfig) -> np.ndarray:
-    """Logits (B, T, V) of the next token at every position."""
-    return forward_with_cache(params, batch, config)[0]
+def forward(params: Tree, batch: dict[str, Any], config: GPTConfig, *, masks: Tree | None = None) -> np.ndarray:
+    """Logits (B, T, V) of the next token at every position (``masks``: see ``forward_with_cache``)."""
+    return forward_with_cache(params, batch, config, masks=masks)[0]
 
 
 def backward(params: Tree, cache: Any, dlogits: np.ndarray, config: GPTConfig) -> Tree:
     """Hand-written backward from dlogits (B, T, V) to a gradient tree shaped like params."""
-    c_embed, c_pos, c_blocks, c_norm, c_head = cache
+    c_embed, c_pos, c_drop, c_blocks, c_norm, c_head = cache
     grads: Tree = {}
     if config.tie_embeddings:
         dh, g_head = embedding_attend_backward(params["embed"], c_head, dlogits)
@@ -110,6 +156,7 @@ def backward(params: Tree, cache: Any, dlogits: np.ndarray, config: GPTConfig) -
         dx, g = block_backward(layer(params["layers"], i), c_blocks[i], dx)
         layer_grads.append(g)
     grads["layers"] = stack(layer_grads[::-1])
+    dx = dropout_backward(c_drop, dx)  # the embedding dropout (identity in evaluation)
     if c_pos is not None:
         _, grads["position"] = position_embedding_backward(params["position"], c_pos, dx)
     _, g_embed = embedding_backward(params["embed"], c_embed, dx)
@@ -117,9 +164,12 @@ def backward(params: Tree, cache: Any, dlogits: np.ndarray, config: GPTConfig) -
     return grads
 
 
-def loss_and_grad(params: Tree, batch: dict[str, Any], config: GPTConfig) -> tuple[float, Tree]:
-    """Mean next-token cross-entropy and its gradient, by the hand-written backward."""
-    logits, cache = forward_with_cache(params, batch, config)
+def loss_and_grad(
+    params: Tree, batch: dict[str, Any], config: GPTConfig, *, masks: Tree | None = None
+) -> tuple[float, Tree]:
+    """Mean next-token cross-entropy and its gradient, by the hand-written backward
+    (``masks``: training dropout masks, see ``forward_with_cache``; None = evaluation)."""
+    logits, cache = forward_with_cache(params, batch, config, masks=masks)
     labels = np.asarray(batch.get("labels", batch["input_ids"]))
     loss, c_loss = cross_entropy_forward(logits[:, :-1], labels[:, 1:])
     dlogits = np.zeros_like(logits)

@@ -26,7 +26,21 @@ Dims: B batch, S source time, T target time, D model width, V vocabulary.
 * ``labels`` are aligned with ``decoder_input_ids``: ``logits[:, t]`` is scored against
   ``labels[:, t]``, with no shift inside (as HF's seq2seq models). The caller builds
   ``decoder_input_ids`` by shifting the labels right behind a start token.
-* Evaluation forward: dropout is not applied (``config.dropout`` is a training setting).
+* Training-mode dropout (one rate ``config.dropout``; HF Marian's / the paper's sites plus
+  attention dropout) when ``masks`` is given, a tree shaped by ``dropout_mask_shapes``
+  (keep-masks, True = keep, kept entries scaled by 1 / (1 - p)); no masks = evaluation:
+
+      x = drop(E[input_ids] * sqrt(D) + PE; masks["encoder"]["embed"] (B, S, D))
+      y = drop(E_tgt[decoder_input_ids] * sqrt(D) + PE; masks["decoder"]["embed"] (B, T, D))
+      in each block, per layer l of masks[stack]["layers"]:
+          attention probs            attn_probs (B, H, T, T) (encoder: (B, H, S, S))
+          cross-attention probs      cross_probs (B, H, T, S)                (decoder only)
+          each sub-layer's output    attn_out / cross_out / mlp_out (B, T, D) (encoder (B, S, D)),
+                                     before the residual add (and the post-norm)
+
+  HF Marian's ``activation_dropout`` (inside the MLP) is not modelled, and its
+  ``attention_dropout`` is this same rate. The JAX model draws the same tree from a key
+  (``bigmodel_jax.models.seq2seq.dropout_masks``).
 * Initialisation: ``models.common.init_rule``, identical rules on both sides: norm scales 1,
   biases 0, other leaves N(0, 0.02), and the residual-writing projections (``attn/out``,
   ``cross_attn/out``, ``mlp/down``) N(0, 0.02 / sqrt(2 L)) with L = ``config.n_layers`` (the
@@ -39,6 +53,7 @@ embeddings the one matrix collects three gradients: source lookup, target lookup
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -47,6 +62,12 @@ import numpy as np
 from reference_numpy.checks import check_array
 from reference_numpy.configs import Seq2SeqConfig, param_shapes
 from reference_numpy.layers.block import BlockSpec, block_backward, block_forward
+from reference_numpy.layers.dropout import (
+    dropout_backward,
+    dropout_mask_tree,
+    optional_dropout_forward,
+    resolve_mask_tree,
+)
 from reference_numpy.layers.embeddings import (
     embedding_attend,
     embedding_attend_backward,
@@ -74,6 +95,36 @@ def decoder_spec(config: Seq2SeqConfig) -> BlockSpec:
     """The decoder block: causal self-attention, cross-attention to the encoder, MLP."""
     return BlockSpec(prenorm=config.prenorm, norm="layer", norm_eps=config.norm_eps,
                      activation=config.activation, causal=True)
+
+
+def encoder_mask_shapes(config: Seq2SeqConfig, batch_size: int, source_length: int) -> dict[str, Any]:
+    """The encoder's training masks for a (B, S) source: ``{"embed": (B, S, D), "layers":
+    {"attn_probs": (L, B, H, S, S), "attn_out": (L, B, S, D), "mlp_out": (L, B, S, D)}}``."""
+    B, S, D, H, L = batch_size, source_length, config.d_model, config.n_heads, config.n_layers
+    return {"embed": (B, S, D),
+            "layers": {"attn_probs": (L, B, H, S, S), "attn_out": (L, B, S, D), "mlp_out": (L, B, S, D)}}
+
+
+def decoder_mask_shapes(
+    config: Seq2SeqConfig, batch_size: int, source_length: int, target_length: int
+) -> dict[str, Any]:
+    """The decoder's training masks for a (B, T) target over a (B, S) source: ``{"embed":
+    (B, T, D), "layers": {"attn_probs": (L, B, H, T, T), "attn_out": (L, B, T, D),
+    "cross_probs": (L, B, H, T, S), "cross_out": (L, B, T, D), "mlp_out": (L, B, T, D)}}``."""
+    B, S, T, D, H = batch_size, source_length, target_length, config.d_model, config.n_heads
+    L = config.decoder_layers
+    return {"embed": (B, T, D),
+            "layers": {"attn_probs": (L, B, H, T, T), "attn_out": (L, B, T, D),
+                       "cross_probs": (L, B, H, T, S), "cross_out": (L, B, T, D), "mlp_out": (L, B, T, D)}}
+
+
+def dropout_mask_shapes(
+    config: Seq2SeqConfig, batch_size: int, source_length: int, target_length: int
+) -> dict[str, Any]:
+    """Shapes of all training masks (shared with the JAX model):
+    ``{"encoder": encoder_mask_shapes(...), "decoder": decoder_mask_shapes(...)}``."""
+    return {"encoder": encoder_mask_shapes(config, batch_size, source_length),
+            "decoder": decoder_mask_shapes(config, batch_size, source_length, target_length)}
 
 
 def embed_scale(config: Seq2SeqConfig) -> float:
@@ -128,6 +179,19 @@ def check_labels(batch: dict[str, Any], config: Seq2SeqConfig) -> np.ndarray:
 # model
 
 
+def dropout_masks(
+    config: Seq2SeqConfig, rng: np.random.Generator, batch_size: int, source_length: int, target_length: int
+) -> Tree:
+    """A fresh tree of keep-masks (``dropout_mask_shapes``) drawn with P(keep) = 1 - config.dropout."""
+    shapes = dropout_mask_shapes(config, batch_size, source_length, target_length)
+    return dropout_mask_tree(rng, shapes, config.dropout)
+
+
+def _with_rate(spec: BlockSpec, masks: Tree | None, config: Seq2SeqConfig) -> BlockSpec:
+    """The block spec carrying the dropout rate when masks are in use."""
+    return spec if masks is None else dataclasses.replace(spec, dropout_rate=config.dropout)
+
+
 def init(config: Seq2SeqConfig, rng: np.random.Generator) -> Tree:
     """Fresh parameters (same rules as ``bigmodel_jax.models.seq2seq.init``, NumPy random stream)."""
     return init_params(param_shapes(config), config.n_layers, rng, np.dtype(config.dtype))
@@ -143,28 +207,39 @@ def position_codes(positions: np.ndarray, config: Seq2SeqConfig, dtype: Any) -> 
     return sinusoidal_positions(positions, config.d_model, dtype, layout=config.position_layout)
 
 
-def _embed_forward(table: Tree, ids: np.ndarray, config: Seq2SeqConfig) -> tuple[np.ndarray, Any]:
-    """ids (B, N) -> E[ids] * scale + PE[n]: (B, N, D); cache for ``_embed_backward``."""
+def _embed_forward(
+    table: Tree, ids: np.ndarray, config: Seq2SeqConfig, mask: np.ndarray | None = None
+) -> tuple[np.ndarray, Any]:
+    """ids (B, N) -> drop(E[ids] * scale + PE[n]): (B, N, D) (``mask`` (B, N, D): the training
+    dropout mask, None = evaluation); cache for ``_embed_backward``."""
     x, c = embedding_forward(table, ids)  # (B, N, D)
     scale = x.dtype.type(embed_scale(config))
     pe = position_codes(np.arange(ids.shape[1]), config, x.dtype)  # (N, D)
-    return x * scale + pe[None], (c, scale)
+    y, c_drop = optional_dropout_forward(x * scale + pe[None], mask, config.dropout)
+    return y, (c, scale, c_drop)
 
 
 def _embed_backward(table: Tree, cache: Any, dx: np.ndarray) -> Tree:
-    c, scale = cache
-    _, g = embedding_backward(table, c, dx * scale)
+    c, scale, c_drop = cache
+    _, g = embedding_backward(table, c, dropout_backward(c_drop, dx) * scale)
     return g
 
 
-def encode_with_cache(params: Tree, batch: dict[str, Any], config: Seq2SeqConfig) -> tuple[np.ndarray, Any]:
-    """input_ids (B, S) [, attention_mask (B, S)] -> encoder output (B, S, D) and its cache."""
+def encode_with_cache(
+    params: Tree, batch: dict[str, Any], config: Seq2SeqConfig, *, masks: Tree | None = None
+) -> tuple[np.ndarray, Any]:
+    """input_ids (B, S) [, attention_mask (B, S)] -> encoder output (B, S, D) and its cache.
+    ``masks``: the encoder's training dropout masks (``encoder_mask_shapes``, i.e.
+    ``masks["encoder"]`` of a full tree), None = evaluation."""
     ids, mask = check_source(batch, config)
-    x, c_embed = _embed_forward(params["embed"], ids, config)  # (B, S, D)
-    spec = encoder_spec(config)
+    masks = resolve_mask_tree(masks, encoder_mask_shapes(config, *ids.shape), config.dropout, "masks (encoder)")
+    x, c_embed = _embed_forward(params["embed"], ids, config,
+                                None if masks is None else masks["embed"])  # (B, S, D)
+    spec = _with_rate(encoder_spec(config), masks, config)
     c_blocks = []
     for i in range(config.n_layers):  # a loop over layers, not tokens
-        x, c = block_forward(layer(params["encoder"]["layers"], i), x, spec, key_padding_mask=mask)
+        m = None if masks is None else layer(masks["layers"], i)
+        x, c = block_forward(layer(params["encoder"]["layers"], i), x, spec, key_padding_mask=mask, masks=m)
         c_blocks.append(c)
     c_norm = None
     if config.prenorm:
@@ -178,22 +253,27 @@ def encode(params: Tree, batch: dict[str, Any], config: Seq2SeqConfig) -> np.nda
 
 
 def decode_with_cache(
-    params: Tree, enc: np.ndarray, batch: dict[str, Any], config: Seq2SeqConfig
+    params: Tree, enc: np.ndarray, batch: dict[str, Any], config: Seq2SeqConfig, *, masks: Tree | None = None
 ) -> tuple[np.ndarray, Any]:
     """enc (B, S, D), decoder_input_ids (B, T) [, attention_mask (B, S) of the source,
-    decoder_attention_mask (B, T)] -> logits (B, T, V) and the decoder's cache."""
+    decoder_attention_mask (B, T)] -> logits (B, T, V) and the decoder's cache. ``masks``: the
+    decoder's training dropout masks (``decoder_mask_shapes``, i.e. ``masks["decoder"]`` of a
+    full tree), None = evaluation."""
     ids, dec_mask = check_target(batch, config)
-    B = ids.shape[0]
+    B, T = ids.shape
     check_encoder_output(enc, batch, config, B)
+    masks = resolve_mask_tree(masks, decoder_mask_shapes(config, B, enc.shape[1], T), config.dropout,
+                              "masks (decoder)")
     src_mask = batch.get("attention_mask")
     src_mask = None if src_mask is None else np.asarray(src_mask).astype(bool)
     table = _target_table(params, config)
-    y, c_embed = _embed_forward(table, ids, config)  # (B, T, D)
-    spec = decoder_spec(config)
+    y, c_embed = _embed_forward(table, ids, config, None if masks is None else masks["embed"])  # (B, T, D)
+    spec = _with_rate(decoder_spec(config), masks, config)
     c_blocks = []
     for i in range(config.decoder_layers):
+        m = None if masks is None else layer(masks["layers"], i)
         y, c = block_forward(layer(params["decoder"]["layers"], i), y, spec, enc=enc,
-                             key_padding_mask=dec_mask, enc_padding_mask=src_mask)
+                             key_padding_mask=dec_mask, enc_padding_mask=src_mask, masks=m)
         c_blocks.append(c)
     c_norm = None
     if config.prenorm:
@@ -212,18 +292,23 @@ def decode(params: Tree, enc: np.ndarray, batch: dict[str, Any], config: Seq2Seq
     return decode_with_cache(params, enc, batch, config)[0]
 
 
-def forward_with_cache(params: Tree, batch: dict[str, Any], config: Seq2SeqConfig) -> tuple[np.ndarray, Any]:
-    """Logits (B, T, V) and everything backward needs."""
+def forward_with_cache(
+    params: Tree, batch: dict[str, Any], config: Seq2SeqConfig, *, masks: Tree | None = None
+) -> tuple[np.ndarray, Any]:
+    """Logits (B, T, V) and everything backward needs. ``masks``: training dropout masks
+    (``dropout_mask_shapes``; e.g. ``np.asarray`` of the JAX ``dropout_masks``), None = evaluation."""
     src_ids, _ = check_source(batch, config)
-    check_target(batch, config, src_ids.shape[0])
-    enc, c_enc = encode_with_cache(params, batch, config)
-    logits, c_dec = decode_with_cache(params, enc, batch, config)
+    tgt_ids, _ = check_target(batch, config, src_ids.shape[0])
+    masks = resolve_mask_tree(masks, dropout_mask_shapes(config, *src_ids.shape, tgt_ids.shape[1]), config.dropout)
+    enc, c_enc = encode_with_cache(params, batch, config, masks=None if masks is None else masks["encoder"])
+    logits, c_dec = decode_with_cache(params, enc, batch, config, masks=None if masks is None else masks["decoder"])
     return logits, (c_enc, c_dec)
 
 
-def forward(params: Tree, batch: dict[str, Any], config: Seq2SeqConfig) -> np.ndarray:
-    """Logits (B, T, V): position t's distribution over the token at ``labels[:, t]``."""
-    return forward_with_cache(params, batch, config)[0]
+def forward(params: Tree, batch: dict[str, Any], config: Seq2SeqConfig, *, masks: Tree | None = None) -> np.ndarray:
+    """Logits (B, T, V): position t's distribution over the token at ``labels[:, t]``
+    (``masks``: see ``forward_with_cache``)."""
+    return forward_with_cache(params, batch, config, masks=masks)[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,10 +376,13 @@ def backward(params: Tree, cache: Any, dlogits: np.ndarray, config: Seq2SeqConfi
     return grads
 
 
-def loss_and_grad(params: Tree, batch: dict[str, Any], config: Seq2SeqConfig) -> tuple[np.ndarray, Tree]:
+def loss_and_grad(
+    params: Tree, batch: dict[str, Any], config: Seq2SeqConfig, *, masks: Tree | None = None
+) -> tuple[np.ndarray, Tree]:
     """Mean label-smoothed cross-entropy of ``logits[:, t]`` against ``labels[:, t]`` (no shift;
-    -100 ignored) and its gradient, by the hand-written backward."""
-    logits, cache = forward_with_cache(params, batch, config)
+    -100 ignored) and its gradient, by the hand-written backward (``masks``: training dropout
+    masks, see ``forward_with_cache``; None = evaluation)."""
+    logits, cache = forward_with_cache(params, batch, config, masks=masks)
     labels = check_labels(batch, config)
     loss, c_loss = cross_entropy_forward(logits, labels, label_smoothing=config.label_smoothing)
     dlogits = cross_entropy_backward(c_loss, np.ones((), logits.dtype))

@@ -39,7 +39,17 @@ HF ViT checkpoint names: ``embeddings.patch_embeddings.projection.weight`` -> ``
 
 * The final LayerNorm runs over every token (HF's ``last_hidden_state``), the head reads the
   class token only; norms are per token, so that is the same as normalising just the class token.
-* Evaluation forward: dropout is not applied (``config.dropout`` is a training setting).
+* Training-mode dropout (HF ViT's hidden dropout, rate ``config.dropout`` =
+  ``hidden_dropout_prob``; HF's separate attention-probability dropout is not modelled) when
+  ``masks`` is given, a tree shaped by ``dropout_mask_shapes`` (keep-masks, True = keep, kept
+  entries scaled by 1 / (1 - p)); no masks = evaluation:
+
+      x = drop([cls; x] + P_pos; masks["embed"] (B, N + 1, D))     after adding the positions
+      in block l: attention output / MLP output, before the residual add:
+                  masks["layers"]["attn_out"][l], masks["layers"]["mlp_out"][l]   (B, N + 1, D)
+
+  The head and the pooler have no dropout (as HF). The JAX model draws the same tree from a key
+  (``bigmodel_jax.models.vit.dropout_masks``).
 * The image must be exactly ``config.image_size`` square: positions are learned for that grid
   (HF's ``interpolate_pos_encoding`` is not supported).
 * Initialisation: ``models.common.init_rule`` (norm scales 1, biases and the class token 0,
@@ -55,6 +65,7 @@ patch, so no accumulation is needed).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -62,6 +73,12 @@ import numpy as np
 from reference_numpy.checks import check_array, check_ids
 from reference_numpy.configs import ViTConfig, param_shapes
 from reference_numpy.layers.block import BlockSpec, block_backward, block_forward
+from reference_numpy.layers.dropout import (
+    dropout_backward,
+    dropout_mask_tree,
+    optional_dropout_forward,
+    resolve_mask_tree,
+)
 from reference_numpy.layers.embeddings import position_embedding_backward, position_embedding_forward
 from reference_numpy.layers.linear import linear_backward, linear_forward
 from reference_numpy.layers.norms import layer_norm_backward, layer_norm_forward
@@ -76,6 +93,14 @@ from reference_numpy.tree import Tree, tree_zeros_like
 def block_spec(config: ViTConfig) -> BlockSpec:
     """The encoder block: pre-norm, bidirectional self-attention, LayerNorm, plain MLP."""
     return BlockSpec(prenorm=True, norm="layer", norm_eps=config.norm_eps, activation=config.activation)
+
+
+def dropout_mask_shapes(config: ViTConfig, batch_size: int) -> dict[str, Any]:
+    """Shapes of the training masks for B images (shared with the JAX model), N + 1 = max_len
+    tokens: ``{"embed": (B, N + 1, D), "layers": {"attn_out": (L, B, N + 1, D),
+    "mlp_out": (L, B, N + 1, D)}}``."""
+    B, N1, D, L = batch_size, config.max_len, config.d_model, config.n_layers
+    return {"embed": (B, N1, D), "layers": {"attn_out": (L, B, N1, D), "mlp_out": (L, B, N1, D)}}
 
 
 def check_pixels(batch: dict[str, Any], config: ViTConfig, dtype: Any = None) -> Any:
@@ -191,26 +216,40 @@ def no_classifier_error(config: ViTConfig) -> ValueError:
 # model
 
 
+def dropout_masks(config: ViTConfig, rng: np.random.Generator, batch_size: int) -> Tree:
+    """A fresh tree of keep-masks (``dropout_mask_shapes``) drawn with P(keep) = 1 - config.dropout."""
+    return dropout_mask_tree(rng, dropout_mask_shapes(config, batch_size), config.dropout)
+
+
 def init(config: ViTConfig, rng: np.random.Generator) -> Tree:
     """Fresh parameters (same rules as ``bigmodel_jax.models.vit.init``, NumPy random stream)."""
     return init_params(param_shapes(config), config.n_layers, rng, np.dtype(config.dtype))
 
 
-def _trunk_forward(params: Tree, px: np.ndarray, config: ViTConfig) -> tuple[np.ndarray, Any]:
-    """pixel_values (B, C, H, W) -> last_hidden_state (B, N + 1, D) and its cache."""
+def _trunk_forward(
+    params: Tree, px: np.ndarray, config: ViTConfig, masks: Tree | None = None
+) -> tuple[np.ndarray, Any]:
+    """pixel_values (B, C, H, W) -> last_hidden_state (B, N + 1, D) and its cache (``masks``:
+    training dropout masks, ``dropout_mask_shapes``; None = evaluation)."""
     B = px.shape[0]
+    masks = resolve_mask_tree(masks, dropout_mask_shapes(config, B), config.dropout)
     tokens, c_patch = patch_embed_forward(params["patch_embed"], px, config.patch_size)  # (B, N, D)
     cls = np.broadcast_to(params["cls_token"], (B, 1, config.d_model))
     x = np.concatenate([cls, tokens], axis=1)  # (B, N + 1, D)
     pos, c_pos = position_embedding_forward(params["position"], np.arange(config.max_len))
     x = x + pos  # (N + 1, D) broadcast over B
+    x, c_drop = optional_dropout_forward(x, None if masks is None else masks["embed"], config.dropout)
     spec = block_spec(config)
+    if masks is not None:
+        spec = dataclasses.replace(spec, dropout_rate=config.dropout)
     c_blocks = []
     for i in range(config.n_layers):  # a loop over layers, not tokens
-        x, c = block_forward(layer(params["layers"], i), x, spec)
+        m = None if masks is None else layer(masks["layers"], i)
+        x, c = block_forward(layer(params["layers"], i), x, spec, masks=m)
         c_blocks.append(c)
     h, c_norm = layer_norm_forward(params["final_norm"], x, eps=config.norm_eps)  # (B, N + 1, D)
-    return h, {"patch": c_patch, "pos": c_pos, "blocks": c_blocks, "norm": c_norm, "h_shape": h.shape}
+    return h, {"patch": c_patch, "pos": c_pos, "drop": c_drop, "blocks": c_blocks, "norm": c_norm,
+               "h_shape": h.shape}
 
 
 def _trunk_backward(params: Tree, cache: Any, dh: np.ndarray, grads: Tree, config: ViTConfig) -> np.ndarray:
@@ -222,6 +261,7 @@ def _trunk_backward(params: Tree, cache: Any, dh: np.ndarray, grads: Tree, confi
         dx, g = block_backward(layer(params["layers"], i), cache["blocks"][i], dx)
         layer_grads.append(g)
     grads["layers"] = stack(layer_grads[::-1])
+    dx = dropout_backward(cache["drop"], dx)  # the embedding dropout (identity in evaluation)
     _, grads["position"] = position_embedding_backward(params["position"], cache["pos"], dx)  # sums over B
     grads["cls_token"] = dx[:, 0].sum(axis=0)
     dpixels, grads["patch_embed"] = patch_embed_backward(params["patch_embed"], cache["patch"], dx[:, 1:])
@@ -229,23 +269,25 @@ def _trunk_backward(params: Tree, cache: Any, dh: np.ndarray, grads: Tree, confi
 
 
 def encode_with_cache(
-    params: Tree, batch: dict[str, Any], config: ViTConfig
+    params: Tree, batch: dict[str, Any], config: ViTConfig, *, masks: Tree | None = None
 ) -> tuple[tuple[np.ndarray, np.ndarray | None], Any]:
     """HF ``ViTModel``'s outputs ``(last_hidden_state (B, N + 1, D), pooler_output (B, D) or None
-    when config.pooler is False)`` and everything ``encode_backward`` needs."""
+    when config.pooler is False)`` and everything ``encode_backward`` needs (``masks``: training
+    dropout masks, ``dropout_mask_shapes``; None = evaluation)."""
     check_params(params, config)
     px = check_pixels(batch, config, params["patch_embed"]["kernel"].dtype)
-    h, c_trunk = _trunk_forward(params, px, config)
+    h, c_trunk = _trunk_forward(params, px, config, masks)
     pooled, c_pool = linear_forward(params["pooler"], h[:, 0], "tanh") if config.pooler else (None, None)
     return (h, pooled), {"kind": "encode", "trunk": c_trunk, "pool": c_pool}
 
 
-def hidden_states(params: Tree, batch: dict[str, Any], config: ViTConfig) -> np.ndarray:
+def hidden_states(params: Tree, batch: dict[str, Any], config: ViTConfig, *, masks: Tree | None = None) -> np.ndarray:
     """pixel_values (B, C, H, W) -> last_hidden_state (B, N + 1, D) after the final LayerNorm;
-    token 0 is the class token (HF's ``last_hidden_state``)."""
+    token 0 is the class token (HF's ``last_hidden_state``). ``masks``: training dropout masks
+    (``dropout_mask_shapes``), None = evaluation."""
     check_params(params, config)
     px = check_pixels(batch, config, params["patch_embed"]["kernel"].dtype)
-    return _trunk_forward(params, px, config)[0]
+    return _trunk_forward(params, px, config, masks)[0]
 
 
 def pooler_output(params: Tree, h: np.ndarray) -> np.ndarray:
@@ -285,21 +327,26 @@ def encode_backward(
     return (grads, dpixels) if return_pixel_grad else grads
 
 
-def forward_with_cache(params: Tree, batch: dict[str, Any], config: ViTConfig) -> tuple[np.ndarray, Any]:
-    """Logits (B, num_labels) and everything backward needs (needs ``config.classifier``)."""
+def forward_with_cache(
+    params: Tree, batch: dict[str, Any], config: ViTConfig, *, masks: Tree | None = None
+) -> tuple[np.ndarray, Any]:
+    """Logits (B, num_labels) and everything backward needs (needs ``config.classifier``).
+    ``masks``: training dropout masks (``dropout_mask_shapes``; e.g. ``np.asarray`` of the JAX
+    ``dropout_masks``), None = evaluation."""
     if not config.classifier:
         raise no_classifier_error(config)
     check_params(params, config)
     px = check_pixels(batch, config, params["patch_embed"]["kernel"].dtype)
-    h, c_trunk = _trunk_forward(params, px, config)
+    h, c_trunk = _trunk_forward(params, px, config, masks)
     logits, c_head = linear_forward(params["head"], h[:, 0])  # (B, num_labels); HF reads h[:, 0], not the pooler
     return logits, {"kind": "logits", "trunk": c_trunk, "head": c_head}
 
 
-def forward(params: Tree, batch: dict[str, Any], config: ViTConfig) -> np.ndarray:
+def forward(params: Tree, batch: dict[str, Any], config: ViTConfig, *, masks: Tree | None = None) -> np.ndarray:
     """Class logits (B, num_labels) (HF ``ViTForImageClassification``); a head-less config
-    (``classifier=False``) raises and points to ``hidden_states`` / ``pooler_output``."""
-    return forward_with_cache(params, batch, config)[0]
+    (``classifier=False``) raises and points to ``hidden_states`` / ``pooler_output``
+    (``masks``: see ``forward_with_cache``)."""
+    return forward_with_cache(params, batch, config, masks=masks)[0]
 
 
 def backward(
@@ -322,10 +369,13 @@ def backward(
     return (grads, dpixels) if return_pixel_grad else grads
 
 
-def loss_and_grad(params: Tree, batch: dict[str, Any], config: ViTConfig) -> tuple[np.ndarray, Tree]:
+def loss_and_grad(
+    params: Tree, batch: dict[str, Any], config: ViTConfig, *, masks: Tree | None = None
+) -> tuple[np.ndarray, Tree]:
     """Mean cross-entropy of the class logits against ``labels`` (B,), and its gradient by the
-    hand-written backward."""
-    logits, cache = forward_with_cache(params, batch, config)
+    hand-written backward (``masks``: training dropout masks, see ``forward_with_cache``;
+    None = evaluation)."""
+    logits, cache = forward_with_cache(params, batch, config, masks=masks)
     labels = check_labels(batch, config, logits.shape[0])
     loss, c_loss = cross_entropy_forward(logits, np.asarray(labels))
     dlogits = cross_entropy_backward(c_loss, np.ones((), logits.dtype))
