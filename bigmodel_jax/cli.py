@@ -599,7 +599,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(sub)
     _add_training_commands(sub)
     _add_tune(sub)
+    _add_bench(sub)
     return parser
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    """``bigmodel bench``: the benchmark suite (``bigmodel_jax.bench``; same flags as
+    ``python benchmarks/bench.py``)."""
+    from bigmodel_jax.bench.cli import __doc__ as bench_doc
+    from bigmodel_jax.bench.cli import add_arguments
+
+    p = sub.add_parser(
+        "bench", help="benchmarks: our JAX vs HF transformers (PyTorch) vs our NumPy reference",
+        formatter_class=argparse.RawDescriptionHelpFormatter, description=bench_doc)
+    add_arguments(p)
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from bigmodel_jax.bench.cli import run
+
+    return run(args)
 
 
 def main(argv: list[str] | None = None) -> int:

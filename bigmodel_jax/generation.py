@@ -36,6 +36,7 @@ from bigmodel_jax.layers.embeddings import attend, embed, position_embedding
 from bigmodel_jax.layers.mlp import gated_mlp, mlp
 from bigmodel_jax.layers.norms import layer_norm, rms_norm
 from bigmodel_jax.layers.rope import rope
+from bigmodel_jax.perf import PerfOptions
 from reference_numpy.checks import check_array
 from reference_numpy.configs import GPTConfig, Seq2SeqConfig
 from reference_numpy.generation import BeamRules, beam_fill, beam_rules, check_decoding, greedy_fill
@@ -68,20 +69,68 @@ def attend_cached(a: Tree, q: jax.Array, k: jax.Array, v: jax.Array, allowed: ja
     probs = softmax(jnp.where(allowed, logits, jnp.finfo(logits.dtype).min), axis=-1)
     probs = jnp.where(allowed, probs, 0.0)
     o = jnp.einsum("BKGNS,BSKE->BNKGE", probs, v).reshape(B, N, H, E)
-    y = jnp.einsum("BNHE,HED->BND", o, a["out"]["kernel"])
+    if a["out"]["kernel"].ndim == 2:  # (H E, D), flattened by decode_params: a plain 2-D matmul
+        y = jnp.einsum("BNF,FD->BND", o.reshape(B, N, H * E), a["out"]["kernel"])
+    else:
+        y = jnp.einsum("BNHE,HED->BND", o, a["out"]["kernel"])
     return y + a["out"]["bias"] if "bias" in a["out"] else y
 
 
+def decode_params(params: Tree, config: GPTConfig, perf: PerfOptions | None) -> Tree:
+    """The weights as ``decode_step`` reads them under ``perf``, prepared ONCE per generate call,
+    outside the token loop (XLA does not hoist such copies out of a while loop by itself):
+
+    * ``scan_layers=False``: ``params["layers"]`` becomes a list of L per-layer trees, so the
+      unrolled step reads each weight in place. Under the default scan every token's step
+      dynamic-slices (copies) every layer's weights out of the stack: at batch 1 decoding is a
+      chain of matrix-vector products bound by memory traffic, and those copies add to it.
+    * ``fused_qkv``: each layer's q / k / v kernels (and biases) concatenated into one
+      ``attn["qkv"]`` (D, H + 2K, E) projection (a key bias that does not matter, i.e. without
+      RoPE, enters as zeros, as in ``layers.attention.project_qkv``).
+
+    The unrolled layout also flattens the output projection to (H E, D): XLA otherwise lays the
+    (H, E, D) kernel out for the contraction with a transpose copy inside the token loop.
+    The default (None) returns ``params`` unchanged; so do already prepared params. Call it once
+    yourself (outside ``jit``) to keep the preparation out of every ``generate`` call: it copies
+    every layer weight once."""
+    if perf is None or (perf.scan_layers and not perf.fused_qkv) or isinstance(params["layers"], list):
+        return params
+    layers = params["layers"]
+    a = layers["attn"]
+    if perf.fused_qkv:
+        kernel = jnp.concatenate([a["query"]["kernel"], a["key"]["kernel"], a["value"]["kernel"]], axis=2)
+        fused = {"kernel": kernel}  # (L, D, H + 2K, E)
+        if any("bias" in a[n] for n in ("query", "key", "value")):
+            def bias(name: str, used: bool = True) -> jax.Array:
+                b = a[name].get("bias")
+                shape = a[name]["kernel"].shape[:1] + a[name]["kernel"].shape[2:]  # (L, heads, E)
+                return b if used and b is not None else jnp.zeros(shape, kernel.dtype)
+            rope_on = config.positions == "rope"
+            fused["bias"] = jnp.concatenate(  # (L, H + 2K, E)
+                [bias("query"), bias("key", key_bias_matters(config.rope_theta if rope_on else None)),
+                 bias("value")], axis=1)
+        a = {**a, "qkv": fused}
+    if not perf.scan_layers:
+        L, H, E, D = a["out"]["kernel"].shape
+        a = {**a, "out": {**a["out"], "kernel": a["out"]["kernel"].reshape(L, H * E, D)}}
+    layers = {**layers, "attn": a}
+    if not perf.scan_layers:
+        layers = [jax.tree.map(lambda x, i=i: x[i], layers) for i in range(L)]
+    return {**params, "layers": layers}
+
+
 def decode_step(
-    params: Tree, cache: Tree, ids: jax.Array, pos: jax.Array, key_mask: jax.Array, config: GPTConfig
+    params: Tree, cache: Tree, ids: jax.Array, pos: jax.Array, key_mask: jax.Array, config: GPTConfig,
 ) -> tuple[jax.Array, Tree]:
     """Run tokens ids (B, N) at slots [pos, pos + N) against the cache.
 
     key_mask: (B, S) bool, False for padded slots. Returns logits (B, N, V) and the cache with
-    the new keys/values written in.
+    the new keys/values written in. ``params`` may come from ``decode_params`` (layers as a
+    per-layer list: an unrolled loop; a fused ``attn["qkv"]`` projection); the plain tree runs
+    ``lax.scan`` over the stacked layers.
     """
     B, N = ids.shape
-    S = cache["k"].shape[2]
+    S = (cache["k"][0] if isinstance(cache["k"], list) else cache["k"]).shape[-3]  # (L,) B, S, K, E
     slots = pos + jnp.arange(N)  # (N,)
     x = embed(params["embed"], ids)  # (B, N, D)
     if config.positions == "learned":
@@ -96,9 +145,15 @@ def decode_step(
         p, k_cache, v_cache = xs
         a = p["attn"]
         n = norm(p["attn_norm"], h, config.norm_eps)
-        q = _proj(a["query"], n, "BND,DHE->BNHE")
-        k = _proj(a["key"], n, "BND,DKE->BNKE", key_bias_matters(config.rope_theta if rope_on else None))
-        v = _proj(a["value"], n, "BND,DKE->BNKE")
+        if "qkv" in a:  # fused by decode_params: one (D, H + 2K, E) matmul
+            H = a["query"]["kernel"].shape[1]
+            K = a["key"]["kernel"].shape[1]
+            qkv = _proj(a["qkv"], n, "BND,DME->BNME")
+            q, k, v = qkv[:, :, :H], qkv[:, :, H:H + K], qkv[:, :, H + K:]
+        else:
+            q = _proj(a["query"], n, "BND,DHE->BNHE")
+            k = _proj(a["key"], n, "BND,DKE->BNKE", key_bias_matters(config.rope_theta if rope_on else None))
+            v = _proj(a["value"], n, "BND,DKE->BNKE")
         if rope_on:
             q = rope(q, slots, theta=config.rope_theta)
             k = rope(k, slots, theta=config.rope_theta)
@@ -109,7 +164,13 @@ def decode_step(
         h = h + mlp_fn(p["mlp"], norm(p["mlp_norm"], h, config.norm_eps), activation=config.activation)
         return h, (k_cache, v_cache)
 
-    x, (k_new, v_new) = jax.lax.scan(layer, x, (params["layers"], cache["k"], cache["v"]))
+    if isinstance(params["layers"], list):  # unrolled (decode_params): weights read in place,
+        # and the cache as L per-layer arrays (``_generate``), each updated in place
+        k_new, v_new = list(cache["k"]), list(cache["v"])
+        for i, p in enumerate(params["layers"]):
+            x, (k_new[i], v_new[i]) = layer(x, (p, k_new[i], v_new[i]))
+    else:
+        x, (k_new, v_new) = jax.lax.scan(layer, x, (params["layers"], cache["k"], cache["v"]))
     h = norm(params["final_norm"], x, config.norm_eps)
     if config.tie_embeddings:
         logits = attend(params["embed"], h)
@@ -167,6 +228,7 @@ def generate(
     key: jax.Array | None = None,
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
+    perf: PerfOptions | None = None,
 ) -> jax.Array:
     """Continue each prompt by up to ``max_new_tokens`` tokens -> (B, T0 + n) ids.
 
@@ -176,7 +238,9 @@ def generate(
     folding in the step index so every step draws fresh randomness. After an EOS id a sequence
     emits ``pad_token_id`` (None: the first EOS id, as HF), and decoding stops once every
     sequence has finished, so ``n <= max_new_tokens`` (the compiled loop has a fixed shape; the
-    result is cropped to ``n`` after it, as HF returns it).
+    result is cropped to ``n`` after it, as HF returns it). ``perf``
+    (``bigmodel_jax.perf.PerfOptions``): the decoding layout, ``scan_layers`` / ``fused_qkv``
+    (``decode_params``); the same tokens either way.
     """
     input_ids = jnp.asarray(input_ids)
     _check_generate_args(config, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p)
@@ -189,17 +253,20 @@ def generate(
     # serves every choice of them
     out, length = _generate(params, input_ids, mask, key, jnp.asarray(eos, jnp.int32),
                             jnp.asarray(greedy_fill(pad_token_id, eos), jnp.int32), config, max_new_tokens,
-                            float(temperature), top_k, top_p)
+                            float(temperature), top_k, top_p, perf)
     return out[:, :int(length)]
 
 
-@partial(jax.jit, static_argnums=(6, 7, 8, 9, 10))
-def _generate(params, input_ids, mask, key, eos, pad, config, max_new_tokens, temperature, top_k, top_p):
+@partial(jax.jit, static_argnums=(6, 7, 8, 9, 10, 11))
+def _generate(params, input_ids, mask, key, eos, pad, config, max_new_tokens, temperature, top_k, top_p, perf=None):
     B, T0 = input_ids.shape
     S = T0 + max_new_tokens
     dtype = params["embed"]["embedding"].dtype
     key_mask = jnp.concatenate([mask, jnp.ones((B, max_new_tokens), bool)], axis=1)
     cache = init_cache(config, B, S, dtype)
+    params = decode_params(params, config, perf)  # once, outside the token loop
+    if isinstance(params["layers"], list):  # unrolled: one cache array per layer (no stacked copies)
+        cache = {name: list(c) for name, c in cache.items()}
     logits, cache = decode_step(params, cache, input_ids, jnp.asarray(0), key_mask, config)
 
     def choose(last_logits: jax.Array, step: jax.Array) -> jax.Array:

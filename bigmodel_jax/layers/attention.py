@@ -6,7 +6,10 @@ G = H // K, E head dim. Same parameter tree as the reference:
 "out": {kernel (H, E, D), bias (D,)}}``.
 
 Everything is computed in the input dtype and every branch is on static shapes / options, so
-``attention`` is jit-able with masks and positions as traced arrays.
+``attention`` is jit-able with masks and positions as traced arrays. ``perf``
+(``bigmodel_jax.perf.PerfOptions``) switches the layout: one fused q/k/v projection,
+``jax.nn.dot_product_attention`` for the core, bf16 matmuls with fp32 accumulation (scores and
+softmax in fp32); the default is the plain path.
 """
 
 from __future__ import annotations
@@ -20,14 +23,55 @@ import jax.numpy as jnp
 
 from bigmodel_jax.layers.activations import softmax
 from bigmodel_jax.layers.rope import rope
+from bigmodel_jax.perf import PerfOptions, einsum
 from reference_numpy.layers.attention import check_attention_args, key_bias_matters
 
 Params = dict[str, dict[str, jax.Array]]
 
 
-def _project(p: dict[str, jax.Array], x: jax.Array, spec: str, use_bias: bool = True) -> jax.Array:
-    y = jnp.einsum(spec, x, p["kernel"])
+def _project(p: dict[str, jax.Array], x: jax.Array, spec: str, use_bias: bool = True,
+             perf: PerfOptions | None = None) -> jax.Array:
+    y = einsum(spec, x, p["kernel"], perf)
     return y + p["bias"] if use_bias and "bias" in p else y
+
+
+def project_qkv(params: Params, x: jax.Array, key_bias: bool, perf: PerfOptions | None
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Self-attention's q (B, T, H, E), k, v (B, T, K, E) as ONE matmul against the kernels
+    concatenated on the head axis, (D, H + 2K, E): x is read once and the GEMM is larger. The
+    tree keeps its three leaves; the concatenation's transpose splits the gradient back. An
+    unused key bias (no RoPE) enters as zeros, so its gradient stays an exact 0 as unfused."""
+    pq, pk, pv = params["query"], params["key"], params["value"]
+    H, K = pq["kernel"].shape[1], pk["kernel"].shape[1]
+    w = jnp.concatenate([pq["kernel"], pk["kernel"], pv["kernel"]], axis=1)  # (D, H + 2K, E)
+    y = einsum("BTD,DNE->BTNE", x, w, perf)  # (B, T, H + 2K, E)
+    if any("bias" in p for p in (pq, pk, pv)):
+        def bias(p: dict[str, jax.Array], n: int, used: bool = True) -> jax.Array:
+            return p["bias"] if used and "bias" in p else jnp.zeros((n, w.shape[2]), y.dtype)
+        y = y + jnp.concatenate([bias(pq, H), bias(pk, K, key_bias), bias(pv, K)], axis=0).astype(y.dtype)
+    return y[:, :, :H], y[:, :, H:H + K], y[:, :, H + K:]
+
+
+def _dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_padding_mask: jax.Array | None,
+                           causal: bool, scale: float, perf: PerfOptions) -> jax.Array:
+    """q (B, T, H, E), k / v (B, S, K, E) -> (B, T, H, E) by ``jax.nn.dot_product_attention``
+    (cuDNN flash attention on a GPU for half precision unless ``perf.attention_impl`` says
+    otherwise). A plain causal mask is passed as ``is_causal`` (cuDNN then skips the masked
+    blocks); padding as a boolean mask."""
+    B, T, H, _ = q.shape
+    S = k.shape[1]
+    impl = perf.attention_impl
+    if impl is None:
+        impl = "cudnn" if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) else "xla"
+    mask, is_causal = None, False
+    if causal and key_padding_mask is None and T == S:
+        is_causal = True
+    else:
+        allowed = _allowed_keys(T, S, key_padding_mask, causal)  # (B or 1, 1, 1, T or 1, S)
+        if allowed is not None:
+            mask = jnp.broadcast_to(allowed[:, :, 0], (B, 1, T, S))
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=is_causal,
+                                        implementation=impl)
 
 
 def _allowed_keys(
@@ -60,6 +104,7 @@ def attention(
     scale: float | None = None,
     dropout_mask: jax.Array | None = None,
     dropout_rate: float = 0.0,
+    perf: PerfOptions | None = None,
 ) -> jax.Array:
     """x: (B, T, D) queries, kv: (B, S, D) keys/values or None (self) -> (B, T, D).
 
@@ -67,6 +112,9 @@ def attention(
     bool (True = attend), causal (query t sees keys s <= t + S - T), RoPE on q/k when
     ``rope_theta`` is set (positions (T,) or (B, T), default arange(T)), logit ``scale``
     (default 1/sqrt(E)), dropout_mask (B, H, T, S) bool with 1/(1 - rate) scaling.
+    ``perf``: layout options (module docstring); dot_product_attention is not used with a
+    dropout mask (it has no attention-probability dropout) nor for float64 inputs (its softmax
+    runs in float32).
     """
     dims = check_attention_args(
         params, x, kv, n_heads=n_heads, n_kv_heads=n_kv_heads, key_padding_mask=key_padding_mask,
@@ -78,17 +126,28 @@ def attention(
     src = x if kv is None else kv
     scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
 
-    q = _project(params["query"], x, "BTD,DHE->BTHE")
     # b_k only counts under RoPE (see key_bias_matters); unused, its gradient is an exact 0.
-    k = _project(params["key"], src, "BSD,DKE->BSKE", key_bias_matters(rope_theta))
-    v = _project(params["value"], src, "BSD,DKE->BSKE")
+    if perf is not None and perf.fused_qkv and kv is None:
+        q, k, v = project_qkv(params, x, key_bias_matters(rope_theta), perf)
+    else:
+        q = _project(params["query"], x, "BTD,DHE->BTHE", perf=perf)
+        k = _project(params["key"], src, "BSD,DKE->BSKE", key_bias_matters(rope_theta), perf)
+        v = _project(params["value"], src, "BSD,DKE->BSKE", perf=perf)
     if rope_theta is not None:
         pos = jnp.arange(T) if positions is None else positions
         q = rope(q, pos, theta=rope_theta, layout=rope_layout)
         k = rope(k, pos, theta=rope_theta, layout=rope_layout)
 
+    # jax.nn.dot_product_attention runs its softmax in float32: float64 keeps the exact path
+    if perf is not None and perf.attention == "dot_product_attention" and dropout_mask is None \
+            and q.dtype != jnp.float64:
+        o = _dot_product_attention(q, k, v, key_padding_mask, causal, scale, perf)  # (B, T, H, E)
+        y = einsum("BTHE,HED->BTD", o, params["out"]["kernel"], perf)
+        return y + params["out"]["bias"] if "bias" in params["out"] else y
+
     qg = q.reshape(B, T, K, G, E)  # query head h = k * G + g reads kv head k
-    logits = jnp.einsum("BTKGE,BSKE->BKGTS", qg, k) * scale
+    # scores and softmax in fp32 under mixed precision (keep_fp32); the input dtype otherwise
+    logits = einsum("BTKGE,BSKE->BKGTS", qg, k, perf, keep_fp32=True) * scale
     allowed = _allowed_keys(T, S, key_padding_mask, causal)
     if allowed is None:
         probs = softmax(logits, axis=-1)
@@ -104,8 +163,8 @@ def attention(
         keep = dropout_mask.reshape(B, K, G, T, S).astype(x.dtype) * (1.0 / (1.0 - dropout_rate))
         probs = probs * keep
 
-    o = jnp.einsum("BKGTS,BSKE->BTKGE", probs, v).reshape(B, T, H, E)
-    y = jnp.einsum("BTHE,HED->BTD", o, params["out"]["kernel"])
+    o = einsum("BKGTS,BSKE->BTKGE", probs.astype(v.dtype), v, perf).reshape(B, T, H, E)
+    y = einsum("BTHE,HED->BTD", o, params["out"]["kernel"], perf)
     if "bias" in params["out"]:
         y = y + params["out"]["bias"]
     return y

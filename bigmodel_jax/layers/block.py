@@ -15,6 +15,7 @@ from bigmodel_jax.layers.attention import Attention, attention
 from bigmodel_jax.layers.dropout import dropout
 from bigmodel_jax.layers.mlp import MLP, GatedMLP, gated_mlp, mlp
 from bigmodel_jax.layers.norms import LayerNorm, RMSNorm, layer_norm, rms_norm
+from bigmodel_jax.perf import PerfOptions
 from reference_numpy.layers.block import BlockSpec
 
 __all__ = ["Block", "BlockSpec", "block"]
@@ -31,8 +32,10 @@ def block(
     positions: jax.Array | None = None,
     masks: dict[str, jax.Array] | None = None,
     intermediates: dict[str, jax.Array] | None = None,
+    perf: PerfOptions | None = None,
 ) -> jax.Array:
-    """x: (B, T, D) [, enc: (B, S, D)] -> (B, T, D).
+    """x: (B, T, D) [, enc: (B, S, D)] -> (B, T, D). ``perf``: layout options of the attention
+    and MLP matmuls (``bigmodel_jax.perf``; default: the plain path).
 
     ``intermediates``: an optional dict filled with each sub-layer's output (the residual stream
     after it) under ``"attn"``, [``"cross"``,] ``"mlp"``, as in the reference ``block_forward``.
@@ -55,13 +58,13 @@ def block(
     h = sublayer("attn", x, lambda n: attention(
         params["attn"], n, key_padding_mask=key_padding_mask, causal=spec.causal,
         rope_theta=spec.rope_theta, rope_layout=spec.rope_layout, positions=positions,
-        dropout_mask=masks.get("attn_probs"), dropout_rate=spec.dropout_rate))
+        dropout_mask=masks.get("attn_probs"), dropout_rate=spec.dropout_rate, perf=perf))
     if enc is not None:
         h = sublayer("cross", h, lambda n: attention(
             params["cross_attn"], n, enc, key_padding_mask=enc_padding_mask,
-            dropout_mask=masks.get("cross_probs"), dropout_rate=spec.dropout_rate))
+            dropout_mask=masks.get("cross_probs"), dropout_rate=spec.dropout_rate, perf=perf))
     mlp_fn = gated_mlp if spec.gated_mlp else mlp
-    return sublayer("mlp", h, lambda n: mlp_fn(params["mlp"], n, activation=spec.activation))
+    return sublayer("mlp", h, lambda n: mlp_fn(params["mlp"], n, activation=spec.activation, perf=perf))
 
 
 class Block(nn.Module):

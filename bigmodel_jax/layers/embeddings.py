@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bigmodel_jax.perf import PerfOptions, einsum
 from reference_numpy.checks import check_array, check_ids
 from reference_numpy.layers.embeddings import (
     check_positions,
@@ -33,15 +34,16 @@ def embed(params: dict[str, jax.Array], ids: jax.Array) -> jax.Array:
     return jnp.take(E, ids, axis=0, mode="fill")
 
 
-def attend(params: dict[str, jax.Array], x: jax.Array) -> jax.Array:
-    """Tied output head: x (..., D) -> logits (..., V) = x @ E^T."""
+def attend(params: dict[str, jax.Array], x: jax.Array, *, perf: PerfOptions | None = None) -> jax.Array:
+    """Tied output head: x (..., D) -> logits (..., V) = x @ E^T (fp32 logits under ``perf``'s
+    mixed precision)."""
     E = params["embedding"]
     check_array("x", x, kind="float")
     if x.ndim < 1 or x.shape[-1] != E.shape[1]:
         raise ValueError(
             f"x must have shape (..., D) = (..., {E.shape[1]}) to match the embedding, got {tuple(x.shape)}"
         )
-    return jnp.einsum("...D,VD->...V", x, E)
+    return einsum("...D,VD->...V", x, E, perf, keep_fp32=True)
 
 
 def position_embedding(params: dict[str, jax.Array], positions: jax.Array) -> jax.Array:

@@ -9,16 +9,18 @@ import jax
 import jax.numpy as jnp
 
 from bigmodel_jax.layers.activations import activation as _activation
+from bigmodel_jax.perf import PerfOptions, einsum
 from reference_numpy.checks import check_array
 
 
-def linear(params: dict[str, Any], x: jax.Array, activation: str = "identity") -> jax.Array:
-    """x: (..., In) -> (..., Out)."""
+def linear(params: dict[str, Any], x: jax.Array, activation: str = "identity", *,
+           perf: PerfOptions | None = None) -> jax.Array:
+    """x: (..., In) -> (..., Out). ``perf``: mixed-precision matmul (``bigmodel_jax.perf``)."""
     w = params["kernel"]
     check_array("x", x, kind="float")
     if x.shape[-1] != w.shape[0]:
         raise ValueError(f"x must have shape (..., {w.shape[0]}), got {tuple(x.shape)}")
-    z = jnp.einsum("...i,io->...o", x, w)
+    z = einsum("...i,io->...o", x, w, perf)
     if "bias" in params:
         z = z + params["bias"]
     return _activation(activation)(z)

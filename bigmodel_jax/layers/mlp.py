@@ -15,19 +15,22 @@ import jax
 import jax.numpy as jnp
 
 from bigmodel_jax.layers.linear import Linear, linear
+from bigmodel_jax.perf import PerfOptions
 from reference_numpy.layers.mlp import check_mlp_params
 
 
-def mlp(params: dict[str, Any], x: jax.Array, activation: str = "gelu") -> jax.Array:
+def mlp(params: dict[str, Any], x: jax.Array, activation: str = "gelu", *, perf: PerfOptions | None = None) -> jax.Array:
     """x: (..., D) -> (..., D); params {up: linear (D, F), down: linear (F, D)}."""
     check_mlp_params(params, gated=False)
-    return linear(params["down"], linear(params["up"], x, activation))
+    return linear(params["down"], linear(params["up"], x, activation, perf=perf), perf=perf)
 
 
-def gated_mlp(params: dict[str, Any], x: jax.Array, activation: str = "silu") -> jax.Array:
+def gated_mlp(params: dict[str, Any], x: jax.Array, activation: str = "silu", *,
+              perf: PerfOptions | None = None) -> jax.Array:
     """x: (..., D) -> (..., D); params {gate, up: linear (D, F), down: linear (F, D)}."""
     check_mlp_params(params, gated=True)
-    return linear(params["down"], linear(params["gate"], x, activation) * linear(params["up"], x))
+    gate = linear(params["gate"], x, activation, perf=perf)
+    return linear(params["down"], gate * linear(params["up"], x, perf=perf), perf=perf)
 
 
 class MLP(nn.Module):

@@ -13,6 +13,11 @@ Training-mode dropout (sites and mask shapes: ``reference_numpy.models.bert``): 
 split before it), or pass an explicit ``masks`` tree; ``dropout_masks(config, key, B, T, head)``
 gives exactly the tree ``dropout_key=key`` draws, to hand the same masks to the reference.
 Neither = evaluation.
+
+``perf`` (``bigmodel_jax.perf.PerfOptions``, default the plain path) switches the layout: scan
+or unrolled layer loop, remat policy, bf16 mixed precision, fused q/k/v, dot_product_attention,
+and for the masked-LM loss ``mlm_capacity`` (the vocabulary projection only at the labelled
+positions, as Google's BERT pre-training computes it; same loss and gradients).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bigmodel_jax.layers.block import block
 from bigmodel_jax.layers.dropout import MaskSource, dropout_mask_tree
@@ -32,6 +38,7 @@ from bigmodel_jax.losses import cross_entropy
 from bigmodel_jax.models.common import as_bool_mask
 from bigmodel_jax.models.common import init as _init
 from bigmodel_jax.models.common import init_from_shapes
+from bigmodel_jax.perf import PerfOptions, cast_params, layer_loop, loss_logits, mlm_rows, resolve
 from reference_numpy.configs import BertConfig
 from reference_numpy.models.bert import (
     BATCH_KEYS,
@@ -84,17 +91,20 @@ def _mask_source(batch: dict[str, Any], config: BertConfig, head: str, dropout_k
 
 def hidden_states(
     params: Tree, batch: dict[str, Any], config: BertConfig, *, dropout_key: jax.Array | None = None,
-    masks: Tree | None = None, head: str = "base",
+    masks: Tree | None = None, head: str = "base", perf: PerfOptions | None = None,
 ) -> jax.Array:
     """input_ids (B, T) [, attention_mask, token_type_ids (B, T)] -> last_hidden_state (B, T, D).
 
     ``dropout_key``: draw training dropout masks from it; ``masks``: explicit masks
-    (``dropout_masks(..., head)``; only the encoder's entries are read here); neither = evaluation."""
+    (``dropout_masks(..., head)``; only the encoder's entries are read here); neither = evaluation.
+    ``perf``: layout options (module docstring)."""
     check_batch(batch, config, "base")
-    return _encoder(params, batch, config, _mask_source(batch, config, head, dropout_key, masks))
+    return _encoder(cast_params(params, perf), batch, config, _mask_source(batch, config, head, dropout_key, masks),
+                    perf)
 
 
-def _encoder(params: Tree, batch: dict[str, Any], config: BertConfig, drop: MaskSource) -> jax.Array:
+def _encoder(params: Tree, batch: dict[str, Any], config: BertConfig, drop: MaskSource,
+             perf: PerfOptions | None = None) -> jax.Array:
     """The embeddings and the L blocks, with dropout from ``drop`` -> (B, T, D)."""
     ids = batch["input_ids"]
     mask = as_bool_mask(batch.get("attention_mask"))
@@ -110,9 +120,9 @@ def _encoder(params: Tree, batch: dict[str, Any], config: BertConfig, drop: Mask
 
     def layer(h: jax.Array, xs: tuple[Tree, Any]) -> tuple[jax.Array, None]:
         p, m = xs  # this layer's parameters and its dropout key / masks (None in evaluation)
-        return block(p, h, spec, key_padding_mask=mask, masks=drop.layer_masks(m)), None
+        return block(p, h, spec, key_padding_mask=mask, masks=drop.layer_masks(m), perf=perf), None
 
-    x, _ = jax.lax.scan(layer, x, (params["layers"], drop.layer_inputs()))
+    x, _ = layer_loop(layer, x, (params["layers"], drop.layer_inputs()), perf)  # lax.scan by default
     return x
 
 
@@ -121,25 +131,32 @@ def pooler(params: Tree, h: jax.Array) -> jax.Array:
     return linear(params["pooler"], h[:, 0], "tanh")
 
 
+def _mlm_logits(params: Tree, h: jax.Array, config: BertConfig, perf: PerfOptions | None) -> jax.Array:
+    """The masked-LM head: hidden states (..., D) -> logits (..., V) (fp32 under mixed precision)."""
+    p = params["mlm"]
+    t = linear(p["transform"], h, config.activation, perf=perf)  # (..., D)
+    n = layer_norm(p["norm"], t, config.norm_eps)
+    return attend(params["embeddings"]["word"], n, perf=perf) + p["bias"]  # tied decoder, (..., V)
+
+
 def forward(
     params: Tree, batch: dict[str, Any], config: BertConfig, head: str = "mlm", *,
-    dropout_key: jax.Array | None = None, masks: Tree | None = None,
+    dropout_key: jax.Array | None = None, masks: Tree | None = None, perf: PerfOptions | None = None,
 ) -> Any:
     """Logits of ``head``: "mlm" (B, T, V), "sequence_classification" (B, C),
     "token_classification" (B, T, C), "question_answering" (B, T, 2) (start = [..., 0],
     end = [..., 1]); "base" gives ``(last_hidden_state (B, T, D), pooler_output (B, D))``.
 
     ``dropout_key``: draw training dropout masks from it; ``masks``: explicit masks
-    (``dropout_masks(..., head)``); neither = evaluation."""
+    (``dropout_masks(..., head)``); neither = evaluation. ``perf``: layout options (module
+    docstring)."""
     check_params(params, head, config)
     check_batch(batch, config, "base")
+    params = cast_params(params, perf)
     drop = _mask_source(batch, config, head, dropout_key, masks)
-    h = _encoder(params, batch, config, drop)
+    h = _encoder(params, batch, config, drop, perf)
     if head == "mlm":
-        p = params["mlm"]
-        t = linear(p["transform"], h, config.activation)  # (B, T, D)
-        n = layer_norm(p["norm"], t, config.norm_eps)
-        return attend(params["embeddings"]["word"], n) + p["bias"]  # tied decoder, (B, T, V)
+        return _mlm_logits(params, h, config, perf)  # (B, T, V)
     if head == "token_classification":
         return linear(params["classifier"], drop.apply("classifier", h))
     if head == "question_answering":
@@ -152,15 +169,40 @@ def forward(
     return linear(params["classifier"], drop.apply("classifier", pooled))  # sequence_classification
 
 
+def _sparse_mlm_loss(params: Tree, batch: dict[str, Any], config: BertConfig, drop: MaskSource,
+                     perf: PerfOptions) -> jax.Array:
+    """Masked-LM loss with the head (transform, norm, D x V decoder) run only at the labelled
+    positions, gathered into ``P = mlm_rows(perf, B, T)`` rows (unused rows carry label -100):
+    the same mean cross-entropy and gradients as the dense head, ~P / (B T) of its cost. A batch
+    with more than P labelled positions gives NaN (loud, not silently truncated);
+    ``loss_and_grad`` checks that before tracing."""
+    h = _encoder(params, batch, config, drop, perf)  # (B, T, D)
+    labels = batch["labels"]
+    B, T = labels.shape
+    P = mlm_rows(perf, B, T)
+    flat = labels.reshape(B * T)
+    valid = flat != IGNORE_INDEX
+    (rows,) = jnp.nonzero(valid, size=P, fill_value=0)  # the first P labelled positions, (P,)
+    picked = jnp.where(jnp.arange(P) < jnp.sum(valid), flat[rows], IGNORE_INDEX)  # (P,)
+    logits = _mlm_logits(params, h.reshape(B * T, -1)[rows], config, perf)  # (P, V)
+    value = cross_entropy(loss_logits(logits, perf), picked, ignore_index=IGNORE_INDEX)
+    return jnp.where(jnp.sum(valid) <= P, value, jnp.nan)
+
+
 def loss(
     params: Tree, batch: dict[str, Any], config: BertConfig, head: str = "mlm", *,
-    dropout_key: jax.Array | None = None, masks: Tree | None = None,
+    dropout_key: jax.Array | None = None, masks: Tree | None = None, perf: PerfOptions | None = None,
 ) -> jax.Array:
     """The head's mean loss (see ``reference_numpy.models.bert``); -100 labels are ignored, and
-    a question-answering position equal to T (answer outside the window) is ignored (dropout:
-    see ``forward``)."""
+    a question-answering position equal to T (answer outside the window) is ignored (dropout
+    and ``perf``: see ``forward``; the loss reads fp32 logits under mixed precision)."""
     check_batch(batch, config, head, with_labels=True)
-    logits = forward(params, batch, config, head, dropout_key=dropout_key, masks=masks)
+    if head == "mlm" and resolve(perf).mlm_capacity is not None:
+        check_params(params, head, config)
+        drop = _mask_source(batch, config, head, dropout_key, masks)
+        return _sparse_mlm_loss(cast_params(params, perf), batch, config, drop, resolve(perf))
+    logits = loss_logits(forward(params, batch, config, head, dropout_key=dropout_key, masks=masks, perf=perf),
+                         perf)
     if head == "question_answering":
         T = logits.shape[1]
         start = cross_entropy(logits[..., 0], batch["start_positions"], ignore_index=T)
@@ -169,23 +211,29 @@ def loss(
     return cross_entropy(logits, batch["labels"], ignore_index=IGNORE_INDEX)
 
 
-@partial(jax.jit, static_argnames=("config", "head"))
+@partial(jax.jit, static_argnames=("config", "head", "perf"))
 def _loss_and_grad(
     params: Tree, batch: dict[str, Any], config: BertConfig, head: str, dropout_key: jax.Array | None,
-    masks: Tree | None,
+    masks: Tree | None, perf: PerfOptions | None = None,
 ) -> tuple[jax.Array, Tree]:
-    return jax.value_and_grad(loss)(params, batch, config, head, dropout_key=dropout_key, masks=masks)
+    return jax.value_and_grad(loss)(params, batch, config, head, dropout_key=dropout_key, masks=masks, perf=perf)
 
 
 def loss_and_grad(
     params: Tree, batch: dict[str, Any], config: BertConfig, head: str = "mlm", *,
-    dropout_key: jax.Array | None = None, masks: Tree | None = None,
+    dropout_key: jax.Array | None = None, masks: Tree | None = None, perf: PerfOptions | None = None,
 ) -> tuple[jax.Array, Tree]:
-    """(loss, grads) by ``jax.grad``, jit-compiled with ``config`` and ``head`` static; the batch
-    is checked (values included) before tracing. Batch keys other than ``BATCH_KEYS`` are dropped.
-    Dropout: see ``forward``."""
+    """(loss, grads) by ``jax.grad``, jit-compiled with ``config``, ``head`` and ``perf`` static;
+    the batch is checked (values included) before tracing. Batch keys other than ``BATCH_KEYS``
+    are dropped. Dropout and ``perf``: see ``forward``."""
     check_params(params, head, config)
     check_batch(batch, config, head, with_labels=True)
     _mask_source(batch, config, head, dropout_key, masks)  # argument errors before tracing
+    if head == "mlm" and resolve(perf).mlm_capacity is not None:
+        B, T = batch["labels"].shape
+        n, P = int((np.asarray(batch["labels"]) != IGNORE_INDEX).sum()), mlm_rows(resolve(perf), B, T)
+        if n > P:
+            raise ValueError(f"batch has {n} labelled positions, more than PerfOptions.mlm_capacity="
+                             f"{resolve(perf).mlm_capacity} of B x T = {B} x {T} allows ({P}); raise mlm_capacity")
     batch = {k: batch[k] for k in BATCH_KEYS if batch.get(k) is not None}
-    return _loss_and_grad(params, batch, config, head, dropout_key, masks)
+    return _loss_and_grad(params, batch, config, head, dropout_key, masks, perf)

@@ -12,6 +12,10 @@ Training-mode dropout (sites and mask shapes: ``reference_numpy.models.vit``): p
 split before it), or pass an explicit ``masks`` tree; ``dropout_masks(config, key, B)`` gives
 exactly the tree ``dropout_key=key`` draws, to hand the same masks to the reference. Neither =
 evaluation.
+
+``perf`` (``bigmodel_jax.perf.PerfOptions``, default the plain path) switches the layout: scan
+or unrolled layer loop, remat policy, bf16 mixed precision (pixels cast too), fused q/k/v,
+dot_product_attention.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from bigmodel_jax.layers.norms import layer_norm
 from bigmodel_jax.losses import cross_entropy
 from bigmodel_jax.models.common import init as _init
 from bigmodel_jax.models.common import subtree_init
+from bigmodel_jax.perf import PerfOptions, cast_input, cast_params, layer_loop, loss_logits, resolve
 from reference_numpy.configs import ViTConfig, param_shapes
 from reference_numpy.models.vit import block_spec, check_labels, check_params, check_pixels, dropout_mask_shapes
 from reference_numpy.models.vit import no_classifier_error
@@ -57,9 +62,10 @@ def patchify(pixel_values: jax.Array, patch_size: int) -> jax.Array:
     return rearrange(pixel_values, "B C (h p) (w q) -> B (h w) (C p q)", p=patch_size, q=patch_size)
 
 
-def patch_embed(params: Tree, pixel_values: jax.Array, patch_size: int) -> jax.Array:
+def patch_embed(params: Tree, pixel_values: jax.Array, patch_size: int, *,
+                perf: PerfOptions | None = None) -> jax.Array:
     """pixel_values (B, C, H, W) -> patch tokens (B, N, D); params {kernel: (C p p, D), bias: (D,)}."""
-    return linear(params, patchify(pixel_values, patch_size))
+    return linear(params, patchify(pixel_values, patch_size), perf=perf)
 
 
 def dropout_masks(config: ViTConfig, key: jax.Array, batch_size: int) -> Tree:
@@ -70,18 +76,21 @@ def dropout_masks(config: ViTConfig, key: jax.Array, batch_size: int) -> Tree:
 
 def hidden_states(
     params: Tree, batch: dict[str, Any], config: ViTConfig, *, dropout_key: jax.Array | None = None,
-    masks: Tree | None = None,
+    masks: Tree | None = None, perf: PerfOptions | None = None,
 ) -> jax.Array:
     """pixel_values (B, C, H, W) -> last_hidden_state (B, N + 1, D) after the final LayerNorm;
     token 0 is the class token (HF's ``last_hidden_state``).
 
     ``dropout_key``: draw training dropout masks from it; ``masks``: explicit masks
-    (``dropout_masks``); neither = evaluation."""
+    (``dropout_masks``); neither = evaluation. ``perf``: layout options (module docstring)."""
     check_params(params, config)
+    if resolve(perf).compute_dtype is not None:  # mixed precision: weights and pixels in the compute dtype
+        params = cast_params(params, perf)
+        batch = {**batch, "pixel_values": cast_input(jnp.asarray(batch["pixel_values"]), perf)}
     px = check_pixels(batch, config, params["patch_embed"]["kernel"].dtype)
     B = px.shape[0]
     drop = MaskSource.make(dropout_mask_shapes(config, B), config.dropout, dropout_key=dropout_key, masks=masks)
-    tokens = patch_embed(params["patch_embed"], px, config.patch_size)  # (B, N, D)
+    tokens = patch_embed(params["patch_embed"], px, config.patch_size, perf=perf)  # (B, N, D)
     cls = jnp.broadcast_to(params["cls_token"], (B, 1, config.d_model))
     x = jnp.concatenate([cls, tokens], axis=1)  # (B, N + 1, D)
     x = x + position_embedding(params["position"], jnp.arange(config.max_len))[None]
@@ -90,9 +99,9 @@ def hidden_states(
 
     def layer(h: jax.Array, xs: tuple[Tree, Any]) -> tuple[jax.Array, None]:
         p, m = xs  # this layer's parameters and its dropout key / masks (None in evaluation)
-        return block(p, h, spec, masks=drop.layer_masks(m)), None
+        return block(p, h, spec, masks=drop.layer_masks(m), perf=perf), None
 
-    x, _ = jax.lax.scan(layer, x, (params["layers"], drop.layer_inputs()))
+    x, _ = layer_loop(layer, x, (params["layers"], drop.layer_inputs()), perf)  # lax.scan by default
     return layer_norm(params["final_norm"], x, config.norm_eps)
 
 
@@ -118,15 +127,15 @@ jit_encode = jax.jit(encode, static_argnames="config")
 
 def forward(
     params: Tree, batch: dict[str, Any], config: ViTConfig, *, dropout_key: jax.Array | None = None,
-    masks: Tree | None = None,
+    masks: Tree | None = None, perf: PerfOptions | None = None,
 ) -> jax.Array:
     """Class logits (B, num_labels) from the class token of the last hidden state (as HF's
     ``ViTForImageClassification``: not from the pooler). Needs ``config.classifier``
-    (dropout: see ``hidden_states``)."""
+    (dropout and ``perf``: see ``hidden_states``)."""
     if not config.classifier:
         raise no_classifier_error(config)
-    h = hidden_states(params, batch, config, dropout_key=dropout_key, masks=masks)
-    return linear(params["head"], h[:, 0])
+    h = hidden_states(params, batch, config, dropout_key=dropout_key, masks=masks, perf=perf)
+    return linear(cast_params(params["head"], perf), h[:, 0], perf=perf)
 
 
 # forward compiled once per (config, shapes, dtypes): the parity case and tests differentiate this
@@ -136,23 +145,25 @@ jit_forward = jax.jit(forward, static_argnames="config")
 
 def loss(
     params: Tree, batch: dict[str, Any], config: ViTConfig, *, dropout_key: jax.Array | None = None,
-    masks: Tree | None = None,
+    masks: Tree | None = None, perf: PerfOptions | None = None,
 ) -> jax.Array:
     """Mean cross-entropy of the class logits against ``labels`` (B,) in [0, num_labels)
-    (dropout: see ``hidden_states``)."""
-    return cross_entropy(forward(params, batch, config, dropout_key=dropout_key, masks=masks), batch["labels"])
+    (dropout and ``perf``: see ``hidden_states``; fp32 logits under mixed precision)."""
+    logits = forward(params, batch, config, dropout_key=dropout_key, masks=masks, perf=perf)
+    return cross_entropy(loss_logits(logits, perf), batch["labels"])
 
 
-@partial(jax.jit, static_argnames="config")
+@partial(jax.jit, static_argnames=("config", "perf"))
 def _loss_and_grad(
-    params: Tree, batch: dict[str, Any], config: ViTConfig, dropout_key: jax.Array | None, masks: Tree | None
+    params: Tree, batch: dict[str, Any], config: ViTConfig, dropout_key: jax.Array | None, masks: Tree | None,
+    perf: PerfOptions | None = None,
 ) -> tuple[jax.Array, Tree]:
-    return jax.value_and_grad(loss)(params, batch, config, dropout_key=dropout_key, masks=masks)
+    return jax.value_and_grad(loss)(params, batch, config, dropout_key=dropout_key, masks=masks, perf=perf)
 
 
 def loss_and_grad(
     params: Tree, batch: dict[str, Any], config: ViTConfig, *, dropout_key: jax.Array | None = None,
-    masks: Tree | None = None,
+    masks: Tree | None = None, perf: PerfOptions | None = None,
 ) -> tuple[jax.Array, Tree]:
     """(loss, grads) by ``jax.grad``, jit-compiled with ``config`` static; batch checked before
     tracing (so out-of-range labels raise instead of silently producing NaN). Dropout: see
@@ -161,7 +172,7 @@ def loss_and_grad(
     check_labels(batch, config, px.shape[0])
     MaskSource.make(dropout_mask_shapes(config, px.shape[0]), config.dropout, dropout_key=dropout_key,
                     masks=masks)  # argument errors before tracing
-    return _loss_and_grad(params, {"pixel_values": px, "labels": batch["labels"]}, config, dropout_key, masks)
+    return _loss_and_grad(params, {"pixel_values": px, "labels": batch["labels"]}, config, dropout_key, masks, perf)
 
 
 class ViT(nn.Module):
