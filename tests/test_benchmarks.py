@@ -298,7 +298,10 @@ def test_smoke_results_are_complete_and_consistent(smoke_out):
     assert r["optimisations"]["bf16_parity"]["grad_rel_err"] < BF16_GRAD_REL
     assert {(x["n_layers"], x["scan"]) for x in r["depth"]["rows"]} == {(2, True), (2, False), (4, True), (4, False)}
     assert all("error" not in x for x in r["depth"]["rows"])
-    assert 1.0 <= r["flop_check"]["train_ratio"] < 1.5  # tiny widths: elementwise ops weigh more
+    # bert-tiny (D = 32) at 2 x 16 tokens: softmax, norms, GELU and the optimizer-free loss are
+    # no longer small next to the matmuls (XLA counts them, the analytic count does not), so only a
+    # loose bound here; test_flops_close_to_xla_cost_analysis checks the count tightly at D = 128
+    assert 1.0 <= r["flop_check"]["train_ratio"] < 2.0
     assert {x["batch"] for x in r["sweep"]} == {1, 2}
 
 
