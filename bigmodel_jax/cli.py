@@ -360,6 +360,7 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
                    help="stop with a checkpoint after K updates, as if interrupted (then --resume)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
+    p.__class__ = _IntermixedParser  # key=value overrides before and after the options
 
     p = sub.add_parser(
         "eval", help="evaluate a run's checkpoint on a split and print its metrics", formatter_class=raw,
@@ -430,6 +431,7 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, help="optimizer updates (default 400)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_demo)
+    p.__class__ = _IntermixedParser
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:

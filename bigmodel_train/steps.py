@@ -201,7 +201,9 @@ class ReferenceStepper:
         function); ``params`` a NumPy tree (copied)."""
         from reference_numpy import optim as ref_optim
         from reference_numpy import schedules as ref_schedules
+        from reference_numpy.allocator import keep_freed_memory
 
+        keep_freed_memory()  # reuse freed activation memory across steps (reference_numpy.allocator)
         kind, kw = make_schedule_args(cfg)
         self.schedule = ref_schedules.make_schedule(kind, **kw)
         self.optimizer = ref_optim.make_optimizer(cfg.optimizer, self.schedule, **optimizer_args(cfg))

@@ -35,6 +35,7 @@ import dataclasses
 import functools
 import json
 import os
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -332,6 +333,12 @@ class LMTask(Task):
     def __init__(self, cfg: RunConfig, run_dir: str | os.PathLike[str] | None, *, tokenizer: Any = None) -> None:
         super().__init__(cfg, run_dir)
         self._docs: tuple[list[str], list[str]] | None = None
+        # a user's file is streamed into a memory-mapped block cache (data.token_cache); the
+        # built-in stdlib corpus (capped by max_chars) is packed in memory
+        self.streamed = cfg.data != "stdlib"
+        if self.streamed and not Path(cfg.data).is_file():
+            raise ConfigError(f"data={cfg.data!r}: not a built-in LM data set ('stdlib') nor an existing file")
+        self._cache_tmp: Any = None
         self.tokenizer = tokenizer if tokenizer is not None else self._tokenizer()
         self.eos_id = int(self.tokenizer.eos_token_id)
         base = _model_base(cfg, GPTConfig)
@@ -356,6 +363,12 @@ class LMTask(Task):
             return _load_tokenizer(Path(cfg.tokenizer))
         from bigmodel_train.data.text import train_tokenizer
 
+        if self.streamed:  # a second pass over the file feeds the BPE trainer, never all in memory
+            from bigmodel_train.data.token_cache import assign_splits, stream_documents
+
+            docs = (d for split, d in assign_splits(stream_documents(cfg.data, cfg.max_chars), cfg.val_fraction,
+                                                    cfg.seed) if split == "train")
+            return train_tokenizer(docs, cfg.vocab_size)
         train_docs, _ = self.documents()
         return train_tokenizer(train_docs, cfg.vocab_size)
 
@@ -365,13 +378,13 @@ class LMTask(Task):
 
     def build_splits(self) -> dict[str, Split]:
         from bigmodel_train.data.packing import pack_documents
-        from bigmodel_train.data.text import tokenize_documents
 
+        if self.streamed:
+            return self._streamed_splits()
         train_docs, val_docs = self.documents()
         out = {}
         for name, docs in (("train", train_docs), ("val", val_docs)):
-            ids = tokenize_documents(self.tokenizer, docs) if not isinstance(self.tokenizer, ByteTokenizer) \
-                else [np.frombuffer(d.encode("utf-8"), np.uint8).astype(np.int32) for d in docs]
+            ids = self._encode(docs)
             blocks = pack_documents(ids, self.cfg.seq_len - 1, self.eos_id)
             tokens, owner = blocks.tokens.astype(np.int32), blocks.document_ids
             out[name] = ArraySplit({
@@ -380,6 +393,31 @@ class LMTask(Task):
                 "attention_mask": (owner >= 0).astype(np.int32),
             })
         return out
+
+    def _encode(self, docs: list[str]) -> list[np.ndarray]:
+        """Token ids of each document, without special tokens (packing adds the EOS)."""
+        from bigmodel_train.data.text import tokenize_documents
+
+        if isinstance(self.tokenizer, ByteTokenizer):
+            return [np.frombuffer(d.encode("utf-8"), np.uint8).astype(np.int32) for d in docs]
+        return tokenize_documents(self.tokenizer, docs)
+
+    def _streamed_splits(self) -> dict[str, Split]:
+        """The user's file streamed into ``<run dir>/data`` (a temporary directory without a
+        run dir) as memory-mapped blocks; an existing cache of the same file, tokenizer and
+        settings is reused (resume, eval)."""
+        from bigmodel_train.data.token_cache import BlockFile, build_block_cache, tokenizer_fingerprint
+
+        cfg = self.cfg
+        if self.run_dir is not None:
+            cache = self.run_dir / "data"
+        else:
+            self._cache_tmp = tempfile.TemporaryDirectory(prefix="bigmodel-lm-blocks-")
+            cache = Path(self._cache_tmp.name)
+        meta = build_block_cache(cfg.data, cache, self._encode, block_size=cfg.seq_len, eos_id=self.eos_id,
+                                 val_fraction=cfg.val_fraction, seed=cfg.seed, max_chars=cfg.max_chars,
+                                 tokenizer_id=tokenizer_fingerprint(self.tokenizer))
+        return {s: BlockFile(cache, s, meta) for s in ("train", "val")}
 
     def units(self, batch: dict[str, np.ndarray]) -> int:
         return int(np.sum(batch["attention_mask"]))
@@ -455,37 +493,6 @@ class LMTask(Task):
         return self.tokenizer.decode(np.asarray(out)[0, 1:].tolist(), skip_special_tokens=True)
 
 
-def _read_text_documents(path: Path, max_chars: int) -> list[str]:
-    """Documents of a user's ``.txt`` (blank-line separated paragraphs) or ``.jsonl`` (field
-    ``text`` per record), read as a stream and stopped after ``max_chars`` characters."""
-    from bigmodel_train.data.stream import JsonlStream, TextLineStream
-
-    docs: list[str] = []
-    total = 0
-    if path.suffix == ".jsonl":
-        for i, text in enumerate(JsonlStream(path, field="text")):
-            if not isinstance(text, str):
-                raise ConfigError(f"{path}: record {i + 1} has a non-string 'text' ({type(text).__name__})")
-            docs.append(text)
-            total += len(text)
-            if max_chars and total >= max_chars:
-                break
-        return docs
-    current: list[str] = []
-    for line in TextLineStream(path):
-        if line.strip():
-            current.append(line)
-            total += len(line) + 1
-        elif current:
-            docs.append("\n".join(current))
-            current = []
-        if max_chars and total >= max_chars:
-            break
-    if current:
-        docs.append("\n".join(current))
-    return docs
-
-
 @functools.lru_cache(maxsize=4)
 def _stdlib_documents(max_chars: int, val_fraction: float, seed: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The stdlib corpus split (memoised: scanning the library's ~10k files takes seconds, and a
@@ -498,7 +505,8 @@ def _stdlib_documents(max_chars: int, val_fraction: float, seed: int) -> tuple[t
 
 
 def _lm_documents(cfg: RunConfig) -> tuple[list[str], list[str]]:
-    """(train, val) documents for the LM task: the stdlib corpus or the user's text file."""
+    """(train, val) documents for the LM task in memory: the stdlib corpus or the user's text
+    file (training streams a user's file instead: ``LMTask._streamed_splits``)."""
     from bigmodel_train.data.packing import split_items
 
     if cfg.data == "stdlib":
@@ -507,7 +515,9 @@ def _lm_documents(cfg: RunConfig) -> tuple[list[str], list[str]]:
     path = Path(cfg.data)
     if not path.is_file():
         raise ConfigError(f"data={cfg.data!r}: not a built-in LM data set ('stdlib') nor an existing file")
-    docs = _read_text_documents(path, cfg.max_chars)
+    from bigmodel_train.data.token_cache import stream_documents
+
+    docs = list(stream_documents(path, cfg.max_chars))
     if len(docs) < 2:
         raise ConfigError(f"{path}: found {len(docs)} document(s); need at least 2 (blank-line separated) "
                           f"for a train / validation split")

@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from reference_numpy.contract import einsum
 from reference_numpy.configs import GPTConfig, Seq2SeqConfig
 from reference_numpy.layers.activations import log_softmax_forward, softmax_forward
 from reference_numpy.layers.attention import key_bias_matters
@@ -43,7 +44,7 @@ def init_cache(config: GPTConfig, batch: int, slots: int, dtype: Any) -> Tree:
 
 
 def _proj(p: Tree, x: np.ndarray, spec: str, use_bias: bool = True) -> np.ndarray:
-    y = np.einsum(spec, x, p["kernel"])
+    y = einsum(spec, x, p["kernel"])
     return y + p["bias"] if use_bias and "bias" in p else y
 
 
@@ -77,10 +78,10 @@ def decode_step(params: Tree, cache: Tree, ids: np.ndarray, pos: int, key_mask: 
             k, _ = rope_forward(k, slots, theta=config.rope_theta)
         cache["k"][i, :, pos:pos + N] = k
         cache["v"][i, :, pos:pos + N] = v
-        logits = np.einsum("BNKGE,BSKE->BKGNS", q.reshape(B, N, K, G, E), cache["k"][i]) / math.sqrt(E)
+        logits = einsum("BNKGE,BSKE->BKGNS", q.reshape(B, N, K, G, E), cache["k"][i]) / math.sqrt(E)
         probs, _ = softmax_forward(np.where(allowed, logits, logits.dtype.type(-np.inf)), axis=-1)
-        o = np.einsum("BKGNS,BSKE->BNKGE", probs, cache["v"][i]).reshape(B, N, H, E)
-        y = np.einsum("BNHE,HED->BND", o, a["out"]["kernel"])
+        o = einsum("BKGNS,BSKE->BNKGE", probs, cache["v"][i]).reshape(B, N, H, E)
+        y = einsum("BNHE,HED->BND", o, a["out"]["kernel"])
         if "bias" in a["out"]:
             y = y + a["out"]["bias"]
         x = x + y
@@ -353,8 +354,8 @@ def seq2seq_init_cache(params: Tree, enc: np.ndarray, config: Seq2SeqConfig, slo
     """Self-attention cache (L, B, slots, K, E) and cross-attention K/V of ``enc`` (L, B, S, H, E)."""
     K, E = config.n_kv_heads or config.n_heads, config.d_model // config.n_heads
     cross = params["decoder"]["layers"]["cross_attn"]
-    ck = np.einsum("BSD,LDHE->LBSHE", enc, cross["key"]["kernel"])  # key bias cannot matter (no RoPE)
-    cv = np.einsum("BSD,LDHE->LBSHE", enc, cross["value"]["kernel"])
+    ck = einsum("BSD,LDHE->LBSHE", enc, cross["key"]["kernel"])  # key bias cannot matter (no RoPE)
+    cv = einsum("BSD,LDHE->LBSHE", enc, cross["value"]["kernel"])
     if "bias" in cross["value"]:
         cv = cv + cross["value"]["bias"][:, None, None]
     shape = (config.decoder_layers, enc.shape[0], slots, K, E)
@@ -364,10 +365,10 @@ def seq2seq_init_cache(params: Tree, enc: np.ndarray, config: Seq2SeqConfig, slo
 def _attend_cached(a: Tree, q: np.ndarray, k: np.ndarray, v: np.ndarray, allowed: np.ndarray) -> np.ndarray:
     B, N, H, E = q.shape
     K = k.shape[2]
-    logits = np.einsum("BNKGE,BSKE->BKGNS", q.reshape(B, N, K, H // K, E), k) / math.sqrt(E)
+    logits = einsum("BNKGE,BSKE->BKGNS", q.reshape(B, N, K, H // K, E), k) / math.sqrt(E)
     probs, _ = softmax_forward(np.where(allowed, logits, logits.dtype.type(-np.inf)), axis=-1)
-    o = np.einsum("BKGNS,BSKE->BNKGE", probs, v).reshape(B, N, H, E)
-    y = np.einsum("BNHE,HED->BND", o, a["out"]["kernel"])
+    o = einsum("BKGNS,BSKE->BNKGE", probs, v).reshape(B, N, H, E)
+    y = einsum("BNHE,HED->BND", o, a["out"]["kernel"])
     return y + a["out"]["bias"] if "bias" in a["out"] else y
 
 

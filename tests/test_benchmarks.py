@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
 from bigmodel_jax.bench.flops import decode_bytes_per_token, forward_flops
-from bigmodel_jax.bench.jax_side import forward_fn, loss_fn
+from bigmodel_jax.bench.jax_side import loss_fn
 from bigmodel_jax.bench.suite import flop_check
 from bigmodel_jax.bench.workloads import (
     Workload,

@@ -65,7 +65,9 @@ def test_cached_logits_equal_full_decode():
                                                  mask, config)
         steps.append(np.asarray(logits))
     cached = np.concatenate(steps, axis=1)
-    assert np.max(np.abs(cached - full)) <= 1e-5 * max(1.0, np.max(np.abs(full)))
+    # float32, JAX vs the reference (BLAS) with logits up to ~80: the model-level float32
+    # tolerance (normwise 1e-4, reference_numpy.tolerances.MODEL_PARITY); observed ~1.3e-5
+    assert np.max(np.abs(cached - full)) <= 1e-4 * max(1.0, np.max(np.abs(full)))
 
 
 def test_beam_search_one_beam_is_greedy_and_more_beams_are_no_worse():

@@ -374,3 +374,14 @@ def test_generate_from_an_hf_directory_matches_transformers(tmp_path: Path, caps
     expected = prompt + tokenizer.decode(want[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
     assert main(["generate", str(tmp_path), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "6"]) == 0
     assert capsys.readouterr().out.rstrip("\n") == expected
+
+
+def test_train_takes_overrides_before_and_after_options() -> None:
+    """``bigmodel train PRESET k=v --opt X k=v``: every key=value lands in the overrides."""
+    from bigmodel_jax.cli import build_parser
+
+    a = build_parser().parse_args(["train", "gpt-stdlib", "steps=3", "--run-dir", "r", "lr=1e-3",
+                                   "--verify-steps", "2", "seed=4"])
+    assert a.assignments == ["gpt-stdlib", "steps=3", "lr=1e-3", "seed=4"]
+    assert (a.run_dir, a.verify_steps) == ("r", 2)
+    assert build_parser().parse_args(["demo", "steps=3", "--run-dir", "r", "lr=1"]).assignments == ["steps=3", "lr=1"]

@@ -38,6 +38,11 @@ class NumpySide:
     name = "numpy"
 
     def __init__(self, config: Config, params: dict[str, Any]) -> None:
+        from reference_numpy.allocator import keep_freed_memory
+
+        # freed activations are reused instead of page-faulted in again every step; this is
+        # process-wide, so the torch side (same glibc heap) runs with it too
+        self.allocator_tuned = keep_freed_memory()
         self.config = config
         self.params = params
         self.m = _model(config)

@@ -87,8 +87,9 @@ def markdown(result: dict[str, Any], plot_name: str | None = None) -> str:
         "",
         f"- date: {meta['date']}; machine: {m['cpu']} ({m['cpu_count']} cores, load {m.get('load_average')}), "
         f"backend {m['backend']} / {m['device_kind']}",
-        f"- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
         f"- command: `{meta.get('command') or 'n/a'}`",
+        *([f"- allocator: {meta['allocator']}"] if meta.get("allocator") else []),
         f"- parameters: {wl['param_count'] / 1e6:.2f}M; analytic FLOPs per example: forward "
         f"{si(wl['flops_per_example']['forward'])}, train {si(wl['flops_per_example']['train'])} "
         f"(6N + attention, full T x T scores{'; causal: only ~half of the attention term is needed' if wl['flops_per_example']['causal'] else ''})",

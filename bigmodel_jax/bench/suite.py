@@ -173,6 +173,9 @@ def run_suite(opts: SuiteOptions) -> dict[str, Any]:
         _log(f"weights: {w.preset} ({param_count(config) / 1e6:.1f}M parameters) -> {hf_dir}")
         config, params = write_shared_weights(config, hf_dir, w.seed)
         sides = _build_sides(opts, config, params, hf_dir)
+        if getattr(sides.get("numpy"), "allocator_tuned", False):
+            result["meta"]["allocator"] = ("glibc keeps freed memory for reuse (reference_numpy.allocator, "
+                                           "process-wide: every side runs with it)")
         result["sides"] = {k: (v.get("error") if isinstance(v, dict) else "ok") for k, v in sides.items()}
         result["agreement"] = _agreement(sides, batch)
         result["runs"] = _runs(opts, sides, batch, count, units, peaks, hf_dir, workdir)

@@ -205,10 +205,14 @@ class ViT(nn.Module):
         ``dropout_key``: training dropout (None = evaluation)."""
         return encode(self.params(), {"pixel_values": pixel_values}, self.config, dropout_key=dropout_key)
 
-    def __call__(self, pixel_values: jax.Array, dropout_key: jax.Array | None = None) -> Any:
+    def __call__(self, pixel_values: jax.Array, dropout_key: jax.Array | None = None, *,
+                 deterministic: bool = True) -> Any:
         """pixel_values (B, C, H, W) -> class logits (B, num_labels) with ``config.classifier``,
         else ``(last_hidden_state, pooler_output or None)``; ``dropout_key``: training dropout
-        (None = evaluation)."""
+        (None = evaluation); or ``deterministic=False`` with ``rngs={"dropout": key}`` in
+        ``apply``, the linen way."""
+        if dropout_key is None and not deterministic:
+            dropout_key = self.make_rng("dropout")
         if not self.config.classifier:
             return self.encode(pixel_values, dropout_key)
         return forward(self.params(), {"pixel_values": pixel_values}, self.config, dropout_key=dropout_key)

@@ -14,41 +14,55 @@ import numpy as np
 from reference_numpy.checks import check_array
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-_TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
 _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 
-# (series terms, continued-fraction depth) giving erf to ~1e-15 (float64) / ~1e-8 (float32).
-_ERF_TERMS = {np.dtype(np.float64): (36, 26), np.dtype(np.float32): (24, 12)}
+# W. J. Cody-style rational approximations as tabulated by S. L. Moshier's Cephes library
+# (public domain): erf(x) = x T(x^2) / U(x^2) on |x| <= 1, and erfc(x) = exp(-x^2) P(x) / Q(x)
+# on 1 < x < 8; both good to a few float64 ulps. Coefficients from the highest power down.
+_ERF_T = (9.60497373987051638749e0, 9.00260197203842689217e1, 2.23200534594684319226e3,
+          7.00332514112805075473e3, 5.55923013010394962768e4)
+_ERF_U = (1.0, 3.35617141647503099647e1, 5.21357949780152679795e2, 4.59432382970980127987e3,
+          2.26290000613890934246e4, 4.92673942608635921086e4)
+_ERFC_P = (2.46196981473530512524e-10, 5.64189564831068821977e-1, 7.46321056442269912687e0,
+           4.86371970985681366614e1, 1.96520832956077098242e2, 5.26445194995477358631e2,
+           9.34528527171957607540e2, 1.02755188689515710272e3, 5.57535335369399327526e2)
+_ERFC_Q = (1.0, 1.32281951154744992508e1, 8.67072140885989742329e1, 3.54937778887819891062e2,
+           9.75708501743205489753e2, 1.82390916687909736289e3, 2.24633760818710981792e3,
+           1.65666309194161350182e3, 5.57535340817727675546e2)
+_ERF_CHUNK = 1 << 15  # elements per pass: the temporaries stay in the CPU cache
+
+
+def _horner(coefficients: tuple[float, ...], z: np.ndarray) -> np.ndarray:
+    out = np.full_like(z, coefficients[0])
+    for c in coefficients[1:]:
+        out *= z
+        out += c
+    return out
 
 
 def erf(x: np.ndarray) -> np.ndarray:
-    """Vectorised error function (NumPy has none), accurate to a few float64 ulps.
+    """Vectorised error function (NumPy has none), within ~4e-16 relative of ``math.erf``.
 
-    For |x| < 2.5 the everywhere-positive series
-        erf(x) = 2/sqrt(pi) * exp(-x^2) * sum_n 2^n x^(2n+1) / (1*3*...*(2n+1))
-    (no cancellation); beyond, erfc's continued fraction
-        erfc(x) = exp(-x^2) / sqrt(pi) / (x + (1/2)/(x + 1/(x + (3/2)/(x + ...)))).
-    The loops run over series terms, not over elements.
+    Computed in float64 for float64 input and in float32 otherwise (float32 results within
+    ~2e-7 of the exact value: a few ulps, as XLA's own float32 erf): for |x| <= 1,
+    erf(x) = x T(x^2) / U(x^2); beyond, erf(x) = 1 - exp(-x^2) P(|x|) / Q(|x|) with the sign of
+    x, |x| clamped at 6 (erfc(6) = 2e-17 already rounds 1 - erfc to 1). Both branches
+    are evaluated on every element and one is picked (cheaper than gathering masked subsets),
+    over chunks of the flattened array so that the ~30 elementwise passes stay in cache: the
+    element loop is NumPy's, the Python loop is over chunks.
     """
     x = np.asarray(x)
-    n_series, n_cf = _ERF_TERMS.get(x.dtype, _ERF_TERMS[np.dtype(np.float64)])
-    a = np.abs(x).astype(np.float64)
-    out = np.empty_like(a)
-    small = a < 2.5
-    s = a[small]
-    s2 = s * s
-    term = s.copy()
-    total = s.copy()
-    for n in range(1, n_series + 1):
-        term *= 2.0 * s2 / (2 * n + 1)
-        total += term
-    out[small] = _TWO_OVER_SQRT_PI * np.exp(-s2) * total
-    big = a[~small]
-    frac = big.copy()
-    for k in range(n_cf, 0, -1):
-        frac = big + (0.5 * k) / frac
-    out[~small] = 1.0 - np.exp(-big * big) / (math.sqrt(math.pi) * frac)
-    return (np.sign(x) * out).astype(x.dtype, copy=False)
+    flat = x.reshape(-1)
+    out = np.empty(flat.shape, x.dtype)
+    compute = np.float64 if x.dtype == np.float64 else np.float32
+    for i in range(0, flat.size, _ERF_CHUNK):
+        v = flat[i:i + _ERF_CHUNK].astype(compute)
+        a = np.minimum(np.abs(v), 6.0)  # NaN stays NaN; inf -> 6 -> erf = +-1
+        z = a * a
+        near = a * _horner(_ERF_T, z) / _horner(_ERF_U, z)
+        far = 1.0 - np.exp(-z) * _horner(_ERFC_P, a) / _horner(_ERFC_Q, a)
+        out[i:i + _ERF_CHUNK] = np.copysign(np.where(a <= 1.0, near, far), v)
+    return out.reshape(x.shape)
 
 
 def relu_forward(x: np.ndarray) -> tuple[np.ndarray, Any]:
@@ -81,8 +95,18 @@ def gelu_backward(cache: Any, dy: np.ndarray) -> np.ndarray:
         du = _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * x**2)
         return dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du)
     cdf = aux
-    pdf = np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
-    return dy * (cdf + x * pdf)
+    # dy * (Phi(x) + x phi(x)), evaluated a chunk at a time so its temporaries stay in cache
+    # (the same arithmetic as on the whole array; ~2x faster at bert-base's (B T, F) sizes)
+    xf, cf, gf = x.reshape(-1), cdf.reshape(-1), dy.reshape(-1)
+    out = np.empty(np.broadcast_shapes(x.shape, dy.shape), np.result_type(x, dy)).reshape(-1)
+    if xf.size != out.size or gf.size != out.size:  # broadcasting dy: the plain expression
+        pdf = np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+        return dy * (cdf + x * pdf)
+    for i in range(0, out.size, _ERF_CHUNK):
+        xs = xf[i:i + _ERF_CHUNK]
+        pdf = np.exp(-0.5 * xs * xs) / math.sqrt(2.0 * math.pi)
+        out[i:i + _ERF_CHUNK] = gf[i:i + _ERF_CHUNK] * (cf[i:i + _ERF_CHUNK] + xs * pdf)
+    return out.reshape(np.broadcast_shapes(x.shape, dy.shape))
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:

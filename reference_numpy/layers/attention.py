@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from reference_numpy.contract import einsum
 from reference_numpy.checks import check_array, check_divides, check_same_dtype
 from reference_numpy.layers.activations import softmax_backward, softmax_forward
 from reference_numpy.layers.rope import (
@@ -199,7 +200,7 @@ def init_attention(
 def _project(
     p: dict[str, np.ndarray], x: np.ndarray, spec: str, use_bias: bool = True
 ) -> np.ndarray:
-    y = np.einsum(spec, x, p["kernel"])
+    y = einsum(spec, x, p["kernel"])
     return y + p["bias"] if use_bias and "bias" in p else y
 
 
@@ -260,7 +261,7 @@ def attention_forward(
         rope_caches = (q_rope, k_rope)
 
     qg = q.reshape(B, T, K, G, E)
-    logits = np.einsum("BTKGE,BSKE->BKGTS", qg, k) * scale  # (B, K, G, T, S)
+    logits = einsum("BTKGE,BSKE->BKGTS", qg, k) * scale  # (B, K, G, T, S)
     allowed = allowed_keys(dims, key_padding_mask, causal)
     if allowed is not None:
         logits = np.where(allowed, logits, logits.dtype.type(-np.inf))
@@ -273,8 +274,8 @@ def attention_forward(
         keep = dropout_mask.reshape(B, K, G, T, S).astype(x.dtype) * (1.0 / (1.0 - dropout_rate))
         weights = probs * keep
 
-    o = np.einsum("BKGTS,BSKE->BTKGE", weights, v).reshape(B, T, H, E)
-    y = np.einsum("BTHE,HED->BTD", o, params["out"]["kernel"])
+    o = einsum("BKGTS,BSKE->BTKGE", weights, v).reshape(B, T, H, E)
+    y = einsum("BTHE,HED->BTD", o, params["out"]["kernel"])
     if "bias" in params["out"]:
         y = y + params["out"]["bias"]
     cache = (dims, x, kv, qg, k, v, softmax_cache, weights, keep, o, scale, rope_caches)
@@ -293,28 +294,28 @@ def attention_backward(
     grads: Params = {name: {} for name in _PROJECTIONS}
 
     # y = o W_o + b_o
-    grads["out"]["kernel"] = np.einsum("BTHE,BTD->HED", o, dy)
+    grads["out"]["kernel"] = einsum("BTHE,BTD->HED", o, dy)
     if "bias" in params["out"]:
         grads["out"]["bias"] = dy.sum(axis=(0, 1))
-    do = np.einsum("BTD,HED->BTHE", dy, params["out"]["kernel"]).reshape(B, T, K, G, E)
+    do = einsum("BTD,HED->BTHE", dy, params["out"]["kernel"]).reshape(B, T, K, G, E)
 
     # o = weights . v
-    dweights = np.einsum("BTKGE,BSKE->BKGTS", do, v)
-    dv = np.einsum("BKGTS,BTKGE->BSKE", weights, do)
+    dweights = einsum("BTKGE,BSKE->BKGTS", do, v)
+    dv = einsum("BKGTS,BTKGE->BSKE", weights, do)
     dprobs = dweights if keep is None else dweights * keep
 
     # logits = scale * q . k (masked entries have zero weight, so get zero gradient)
     dlogits = softmax_backward(softmax_cache, dprobs) * scale
-    dq = np.einsum("BKGTS,BSKE->BTKGE", dlogits, k).reshape(B, T, H, E)
-    dk = np.einsum("BKGTS,BTKGE->BSKE", dlogits, qg)
+    dq = einsum("BKGTS,BSKE->BTKGE", dlogits, k).reshape(B, T, H, E)
+    dk = einsum("BKGTS,BTKGE->BSKE", dlogits, qg)
     if rope_caches is not None:
         dq = rope_backward(rope_caches[0], dq)
         dk = rope_backward(rope_caches[1], dk)
 
     # q = x W_q + b_q; k, v = src W_{k,v} + b_{k,v}
-    grads["query"]["kernel"] = np.einsum("BTD,BTHE->DHE", x, dq)
-    grads["key"]["kernel"] = np.einsum("BSD,BSKE->DKE", src, dk)
-    grads["value"]["kernel"] = np.einsum("BSD,BSKE->DKE", src, dv)
+    grads["query"]["kernel"] = einsum("BTD,BTHE->DHE", x, dq)
+    grads["key"]["kernel"] = einsum("BSD,BSKE->DKE", src, dk)
+    grads["value"]["kernel"] = einsum("BSD,BSKE->DKE", src, dv)
     if "bias" in params["query"]:
         grads["query"]["bias"] = dq.sum(axis=(0, 1))
         # RoPE on <=> key_bias_matters; otherwise forward left b_k out and its gradient is 0.
@@ -322,8 +323,8 @@ def attention_backward(
             dk.sum(axis=(0, 1)) if rope_caches is not None else np.zeros_like(params["key"]["bias"])
         )
         grads["value"]["bias"] = dv.sum(axis=(0, 1))
-    dx = np.einsum("BTHE,DHE->BTD", dq, params["query"]["kernel"])
-    dsrc = np.einsum("BSKE,DKE->BSD", dk, params["key"]["kernel"]) + np.einsum(
+    dx = einsum("BTHE,DHE->BTD", dq, params["query"]["kernel"])
+    dsrc = einsum("BSKE,DKE->BSD", dk, params["key"]["kernel"]) + einsum(
         "BSKE,DKE->BSD", dv, params["value"]["kernel"]
     )
     if kv is None:

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from reference_numpy.contract import einsum
 from reference_numpy.configs import GPTConfig, param_shapes
 from reference_numpy.layers.block import BlockSpec, block_backward, block_forward
 from reference_numpy.layers.dropout import (
@@ -148,7 +149,7 @@ def backward(params: Tree, cache: Any, dlogits: np.ndarray, config: GPTConfig) -
     else:
         h = c_head
         dh = dlogits @ params["lm_head"]["kernel"].T
-        grads["lm_head"] = {"kernel": np.einsum("BTD,BTV->DV", h, dlogits)}
+        grads["lm_head"] = {"kernel": einsum("BTD,BTV->DV", h, dlogits)}
     _, norm_bwd = _norm(config)
     dx, grads["final_norm"] = norm_bwd(params["final_norm"], c_norm, dh)
     layer_grads = []

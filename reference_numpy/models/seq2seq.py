@@ -59,6 +59,7 @@ from typing import Any
 
 import numpy as np
 
+from reference_numpy.contract import einsum
 from reference_numpy.checks import check_array
 from reference_numpy.configs import Seq2SeqConfig, param_shapes
 from reference_numpy.layers.block import BlockSpec, block_backward, block_forward
@@ -332,7 +333,7 @@ def decode_backward(
     else:
         h = c_head
         dy = dlogits @ params["lm_head"]["kernel"].T  # (B, T, D)
-        outer["lm_head"] = {"kernel": np.einsum("BTD,BTV->DV", h, dlogits)}
+        outer["lm_head"] = {"kernel": einsum("BTD,BTV->DV", h, dlogits)}
     g_dec: Tree = {}
     if config.prenorm:
         dy, g_dec["final_norm"] = layer_norm_backward(params["decoder"]["final_norm"], c_norm, dy)
