@@ -315,3 +315,21 @@ def test_smoke_decoding_tokens_identical(smoke_out):
         assert rec["tokens_per_s"] > 0 and rec["bound_tokens_per_s"] > 0
     targets = json.loads((smoke_out / "targets-smoke.json").read_text())["targets"]
     assert len(targets) == 5 and all(t["value"] is not None for t in targets)
+
+
+@pytest.mark.parametrize("name", ["gpt2-tiny", "llama-tiny"])
+def test_decoding_layouts_give_the_same_tokens(name):
+    """``generate(perf=...)``: unrolled layers with (Out, In) weight rows, fused q/k/v, and both,
+    prepared inside the call or once beforehand (``decode_params``), decode the same tokens as
+    the default scanned layout (GQA and RoPE on for llama)."""
+    from bigmodel_jax.generation import decode_params, generate
+
+    config = preset(name)
+    params = jax.tree.map(jnp.asarray, init_reference(config, seed=1))
+    ids = np.random.default_rng(0).integers(0, config.vocab_size, (2, 5))
+    want = np.asarray(generate(params, ids, config, max_new_tokens=8))
+    for perf in (PerfOptions(scan_layers=False), PerfOptions(fused_qkv=True),
+                 PerfOptions(scan_layers=False, fused_qkv=True)):
+        np.testing.assert_array_equal(generate(params, ids, config, max_new_tokens=8, perf=perf), want)
+        prepared = decode_params(params, config, perf)
+        np.testing.assert_array_equal(generate(prepared, ids, config, max_new_tokens=8, perf=perf), want)
