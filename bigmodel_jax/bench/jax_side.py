@@ -235,7 +235,7 @@ class JaxSide:
             raise ValueError("decoding is measured for the gpt family only")
         # bf16 decoding holds bf16 weights and cache (half the bytes per token); fp32 otherwise
         with Stopwatch() as prep:
-            params = decode_params(cast_params(self.params, self.perf), self.config, layout)
+            params = decode_params(cast_params(self.params, self.perf, keep_tables_fp32=False), self.config, layout)
             jax.block_until_ready(params)
         ids = jnp.asarray(prompt)
         out: dict[str, np.ndarray] = {}

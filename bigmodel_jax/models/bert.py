@@ -38,7 +38,7 @@ from bigmodel_jax.losses import cross_entropy
 from bigmodel_jax.models.common import as_bool_mask
 from bigmodel_jax.models.common import init as _init
 from bigmodel_jax.models.common import init_from_shapes
-from bigmodel_jax.perf import PerfOptions, cast_params, layer_loop, loss_logits, mlm_rows, resolve
+from bigmodel_jax.perf import PerfOptions, cast_input, cast_params, layer_loop, loss_logits, mlm_rows, resolve
 from reference_numpy.configs import BertConfig
 from reference_numpy.models.bert import (
     BATCH_KEYS,
@@ -115,6 +115,7 @@ def _encoder(params: Tree, batch: dict[str, Any], config: BertConfig, drop: Mask
     x = (embed(emb["word"], ids)  # (B, T, D)
          + position_embedding(emb["position"], jnp.arange(T))[None]  # (1, T, D)
          + embed(emb["token_type"], types))  # (B, T, D)
+    x = cast_input(x, perf)  # fp32 tables (perf.cast_params) -> the compute dtype
     x = drop.apply("embed", layer_norm(emb["norm"], x, config.norm_eps))
     spec = drop.spec(block_spec(config))
 

@@ -27,7 +27,7 @@ from bigmodel_jax.layers.embeddings import attend, embed, position_embedding
 from bigmodel_jax.layers.norms import layer_norm, rms_norm
 from bigmodel_jax.losses import cross_entropy
 from bigmodel_jax.models.common import init as _init
-from bigmodel_jax.perf import PerfOptions, cast_params, einsum, layer_loop, loss_logits
+from bigmodel_jax.perf import PerfOptions, cast_input, cast_params, einsum, layer_loop, loss_logits
 from reference_numpy.configs import GPTConfig
 from reference_numpy.models.common import check_token_batch, require_keys
 from reference_numpy.models.gpt import block_spec, dropout_mask_shapes
@@ -67,7 +67,7 @@ def hidden_states(
     x = embed(params["embed"], ids)  # (B, T, D)
     if config.positions == "learned":
         x = x + position_embedding(params["position"], positions)[None]
-    x = drop.apply("embed", x)
+    x = drop.apply("embed", cast_input(x, perf))  # fp32 tables (perf.cast_params) -> compute dtype
     spec = drop.spec(block_spec(config))
     rope_pos = positions if config.positions == "rope" else None
 

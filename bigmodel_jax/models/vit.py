@@ -94,7 +94,7 @@ def hidden_states(
     cls = jnp.broadcast_to(params["cls_token"], (B, 1, config.d_model))
     x = jnp.concatenate([cls, tokens], axis=1)  # (B, N + 1, D)
     x = x + position_embedding(params["position"], jnp.arange(config.max_len))[None]
-    x = drop.apply("embed", x)
+    x = drop.apply("embed", cast_input(x, perf))  # the fp32 position table (perf.cast_params)
     spec = drop.spec(block_spec(config))
 
     def layer(h: jax.Array, xs: tuple[Tree, Any]) -> tuple[jax.Array, None]:
