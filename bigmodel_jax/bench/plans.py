@@ -144,6 +144,21 @@ def _best_jax_train(result: dict[str, Any], dtype: str | None = None) -> tuple[f
     return max(cands, key=lambda c: c[0]) if cands else (None, "", None)
 
 
+def _best_jax_mfu(result: dict[str, Any], dtype: str) -> tuple[float | None, str]:
+    """Highest MFU against the measured peak among the JAX training steps computing in
+    ``dtype``, each counted with the FLOPs that variant executes (the gathered MLM head runs
+    fewer than the full one, so tokens/s and MFU can rank variants differently)."""
+    cands = []
+    head = _rec(result, "jax", "train")
+    if head.get("mfu_measured") and result.get("workload", {}).get("dtype") == dtype:
+        cands.append((head["mfu_measured"], head.get("perf", "default")))
+    for r in (result.get("optimisations") or {}).get("runs", []):
+        d = (r.get("options") or {}).get("compute_dtype") or "float32"
+        if r.get("mfu_measured") and d == dtype:
+            cands.append((r["mfu_measured"], r["perf"]))
+    return max(cands) if cands else (None, "")
+
+
 def targets(plan: str, results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows ``{target, value, goal, met, note}`` for the plan's targets."""
     rows: list[dict[str, Any]] = []
@@ -159,11 +174,9 @@ def targets(plan: str, results: dict[str, dict[str, Any]]) -> list[dict[str, Any
         _, label, vs = _best_jax_train(bert)
         row("JAX masked-LM train step / HF-PyTorch fp32 (tokens/s)", vs, 1.5, True,
             f"fastest JAX variant: {label}; both timed interleaved in one group")
-        best32, label32, _ = _best_jax_train(bert, "float32")
-        rec = _rec(bert, "jax", "train")
-        peak32 = rec.get("measured_peak") if bert.get("workload", {}).get("dtype") == "float32" else None
-        mfu = best32 * _flops_per_unit(rec) / peak32 if best32 and peak32 and rec.get("units") else None
-        row("JAX fp32 train step / fp32 matmul peak measured in the run", mfu, 0.6, True, f"variant: {label32}")
+        mfu, label32 = _best_jax_mfu(bert, "float32")
+        row("JAX fp32 train step / fp32 matmul peak measured in the run", mfu, 0.6, True,
+            f"variant: {label32}; FLOPs it executes")
         row("NumPy reference train step / HF-PyTorch fp32", _rec(bert, "numpy", "train").get("vs_torch"), 0.7, True,
             "timed interleaved with HF and JAX")
         depth = bert.get("depth") or {}
