@@ -96,8 +96,6 @@ def attend_cached(a: Tree, q: jax.Array, k: jax.Array, v: jax.Array, allowed: ja
     o = jnp.einsum("BKGNS,BSKE->BNKGE", probs, v).reshape(B, N, H, E)
     if "rows" in a["out"]:  # (D, H E) rows from decode_params
         y = jnp.einsum("BNF,DF->BND", o.reshape(B, N, H * E), a["out"]["rows"])
-    elif a["out"]["kernel"].ndim == 2:  # (H E, D), flattened by decode_params: a plain 2-D matmul
-        y = jnp.einsum("BNF,FD->BND", o.reshape(B, N, H * E), a["out"]["kernel"])
     else:
         y = jnp.einsum("BNHE,HED->BND", o, a["out"]["kernel"])
     return y + a["out"]["bias"] if "bias" in a["out"] else y
@@ -115,8 +113,9 @@ def decode_params(params: Tree, config: GPTConfig, perf: PerfOptions | None) -> 
       ``attn["qkv"]`` (D, H + 2K, E) projection (a key bias that does not matter, i.e. without
       RoPE, enters as zeros, as in ``layers.attention.project_qkv``).
 
-    The unrolled layout also flattens the output projection to (H E, D): XLA otherwise lays the
-    (H, E, D) kernel out for the contraction with a transpose copy inside the token loop.
+    The unrolled layout also stores every projection as (Out, In) ``rows`` (``_layer_rows``):
+    at batch 1 each output is a dot product along contiguous memory, and XLA needs no transpose
+    copy of a kernel inside the token loop.
     The default (None) returns ``params`` unchanged; so do already prepared params. Call it once
     yourself (outside ``jit``) to keep the preparation out of every ``generate`` call: it copies
     every layer weight once."""
@@ -137,11 +136,9 @@ def decode_params(params: Tree, config: GPTConfig, perf: PerfOptions | None) -> 
                 [bias("query"), bias("key", key_bias_matters(config.rope_theta if rope_on else None)),
                  bias("value")], axis=1)
         a = {**a, "qkv": fused}
-    if not perf.scan_layers:
-        L, H, E, D = a["out"]["kernel"].shape
-        a = {**a, "out": {**a["out"], "kernel": a["out"]["kernel"].reshape(L, H * E, D)}}
     layers = {**layers, "attn": a}
     if not perf.scan_layers:
+        L = a["out"]["kernel"].shape[0]
         layers = [_layer_rows(jax.tree.map(lambda x, i=i: x[i], layers)) for i in range(L)]
     return {**params, "layers": layers}
 
@@ -155,7 +152,7 @@ def _layer_rows(p: Tree) -> Tree:
         a[name] = _rows(a[name], 1)  # (D, M, E) -> (M E, D)
     if "qkv" in a:
         a = {k: v for k, v in a.items() if k not in ("query", "key", "value")}
-    a["out"] = _rows(a["out"], a["out"]["kernel"].ndim - 1)  # (H E, D) -> (D, H E)
+    a["out"] = _rows(a["out"], 2)  # (H, E, D) -> (D, H E)
     mlp = {name: _rows(w, 1) for name, w in p["mlp"].items()}
     return {**p, "attn": a, "mlp": mlp}
 

@@ -505,24 +505,10 @@ def _stdlib_documents(max_chars: int, val_fraction: float, seed: int) -> tuple[t
 
 
 def _lm_documents(cfg: RunConfig) -> tuple[list[str], list[str]]:
-    """(train, val) documents for the LM task in memory: the stdlib corpus or the user's text
-    file (training streams a user's file instead: ``LMTask._streamed_splits``)."""
-    from bigmodel_train.data.packing import split_items
-
-    if cfg.data == "stdlib":
-        train, val = _stdlib_documents(cfg.max_chars, cfg.val_fraction, cfg.seed)
-        return list(train), list(val)
-    path = Path(cfg.data)
-    if not path.is_file():
-        raise ConfigError(f"data={cfg.data!r}: not a built-in LM data set ('stdlib') nor an existing file")
-    from bigmodel_train.data.token_cache import stream_documents
-
-    docs = list(stream_documents(path, cfg.max_chars))
-    if len(docs) < 2:
-        raise ConfigError(f"{path}: found {len(docs)} document(s); need at least 2 (blank-line separated) "
-                          f"for a train / validation split")
-    train, val = split_items(docs, [1 - cfg.val_fraction, cfg.val_fraction], cfg.seed)
-    return train, val
+    """(train, val) documents of the built-in stdlib corpus, in memory (a user's file is streamed
+    instead: ``LMTask._streamed_splits``)."""
+    train, val = _stdlib_documents(cfg.max_chars, cfg.val_fraction, cfg.seed)
+    return list(train), list(val)
 
 
 # --------------------------------------------------------------------------------------------

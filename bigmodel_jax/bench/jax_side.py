@@ -18,50 +18,36 @@ import numpy as np
 
 from bigmodel_jax.bench.hardware import PeakMemory, jax_device_memory
 from bigmodel_jax.bench.timing import Prepared, Stopwatch, timed
-from bigmodel_jax.bench.workloads import head, inputs_only
+from bigmodel_jax.bench.workloads import head, inputs_only, model_module
 from bigmodel_jax.perf import PerfOptions, cast_params, resolve
-from reference_numpy.configs import BertConfig, Config, GPTConfig, ViTConfig
+from reference_numpy.configs import BertConfig, Config, GPTConfig
 
 Tree = dict[str, Any]
 LEARNING_RATE = 1e-4
 WEIGHT_DECAY = 0.01
 
 
-def _model(config: Config):
-    if isinstance(config, BertConfig):
-        from bigmodel_jax.models import bert as m
-    elif isinstance(config, GPTConfig):
-        from bigmodel_jax.models import gpt as m
-    elif isinstance(config, ViTConfig):
-        from bigmodel_jax.models import vit as m
-    else:
-        raise TypeError(f"no JAX model for {type(config).__name__}")
-    return m
+def _model_fn(config: Config, perf: PerfOptions, name: str) -> Callable[[Tree, dict[str, Any]], jax.Array]:
+    """``(params, batch) -> model.<name>(...)`` of the benchmarked model with ``perf``; BERT
+    gets its benchmarked head (masked LM)."""
+    fn = getattr(model_module(config, "bigmodel_jax.models"), name)
+    args = (head(config),) if isinstance(config, BertConfig) else ()
+
+    def f(params: Tree, batch: dict[str, Any]) -> jax.Array:
+        return fn(params, batch, config, *args, perf=perf)
+
+    return f
 
 
 def loss_fn(config: Config, perf: PerfOptions) -> Callable[[Tree, dict[str, Any]], jax.Array]:
     """``(params, batch) -> scalar loss`` of the benchmarked model (BERT: masked LM), with the
     model's ``perf`` options (fp32 master parameters in, mixed precision inside if asked)."""
-    m = _model(config)
-
-    def f(params: Tree, batch: dict[str, Any]) -> jax.Array:
-        if isinstance(config, BertConfig):
-            return m.loss(params, batch, config, head(config), perf=perf)
-        return m.loss(params, batch, config, perf=perf)
-
-    return f
+    return _model_fn(config, perf, "loss")
 
 
 def forward_fn(config: Config, perf: PerfOptions) -> Callable[[Tree, dict[str, Any]], jax.Array]:
     """``(params, inputs) -> logits`` of the benchmarked model."""
-    m = _model(config)
-
-    def f(params: Tree, batch: dict[str, Any]) -> jax.Array:
-        if isinstance(config, BertConfig):
-            return m.forward(params, batch, config, head(config), perf=perf)
-        return m.forward(params, batch, config, perf=perf)
-
-    return f
+    return _model_fn(config, perf, "forward")
 
 
 def make_optimizer():

@@ -12,23 +12,11 @@ import numpy as np
 
 from bigmodel_jax.bench.hardware import PeakMemory
 from bigmodel_jax.bench.timing import Prepared, Stopwatch, timed
-from bigmodel_jax.bench.workloads import head, inputs_only
-from reference_numpy.configs import BertConfig, Config, GPTConfig, ViTConfig
+from bigmodel_jax.bench.workloads import head, inputs_only, model_module
+from reference_numpy.configs import BertConfig, Config
 
 LEARNING_RATE = 1e-4
 WEIGHT_DECAY = 0.01
-
-
-def _model(config: Config):
-    if isinstance(config, BertConfig):
-        from reference_numpy.models import bert as m
-    elif isinstance(config, GPTConfig):
-        from reference_numpy.models import gpt as m
-    elif isinstance(config, ViTConfig):
-        from reference_numpy.models import vit as m
-    else:
-        raise TypeError(f"no reference model for {type(config).__name__}")
-    return m
 
 
 class NumpySide:
@@ -45,7 +33,7 @@ class NumpySide:
         self.allocator_tuned = keep_freed_memory()
         self.config = config
         self.params = params
-        self.m = _model(config)
+        self.m = model_module(config, "reference_numpy.models")
 
     def _args(self) -> tuple[Any, ...]:
         return (head(self.config),) if isinstance(self.config, BertConfig) else ()

@@ -75,6 +75,19 @@ def family(config: Config) -> str:
     return config.family
 
 
+BENCHMARKED_FAMILIES = ("bert", "gpt", "vit")
+
+
+def model_module(config: Config, package: str) -> Any:
+    """The family's model module in ``package`` ("bigmodel_jax.models" or
+    "reference_numpy.models"): both name it after ``config.family``."""
+    import importlib
+
+    if config.family not in BENCHMARKED_FAMILIES:
+        raise TypeError(f"no benchmarked model for {type(config).__name__} (families: {BENCHMARKED_FAMILIES})")
+    return importlib.import_module(f"{package}.{config.family}")
+
+
 def head(config: Config) -> str:
     """The BERT head we benchmark (masked LM, the pre-training objective); "" for other families."""
     return "mlm" if isinstance(config, BertConfig) else ""

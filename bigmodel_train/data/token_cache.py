@@ -201,7 +201,7 @@ class BlockFile:
 
     def batch(self, indices: Any) -> dict[str, np.ndarray]:
         idx = np.asarray(indices, np.int64)
-        ids = np.asarray(self.tokens[np.sort(idx)][np.argsort(np.argsort(idx))])  # sorted reads
+        ids = np.asarray(self.tokens[idx])  # (b, T): reads only these rows
         valid = np.where(idx == len(self) - 1, self.last_valid, self.block_size)  # (b,)
         mask = np.arange(self.block_size)[None, :] < valid[:, None]  # (b, T)
         return {"input_ids": ids, "labels": np.where(mask, ids, IGNORE_INDEX).astype(np.int32),
