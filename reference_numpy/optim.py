@@ -32,6 +32,7 @@ from typing import Any, NamedTuple, Union
 
 import numpy as np
 
+from reference_numpy.chunks import leafwise
 from reference_numpy.schedules import Schedule, make_schedule
 from reference_numpy.tree import (
     Tree,
@@ -115,8 +116,7 @@ class MultiStepsState(NamedTuple):
 
 def apply_updates(params: Tree, updates: Tree) -> Tree:
     """``θ ← θ + u`` per leaf, in the parameter's dtype."""
-    return tree_map(lambda p, u: np.asarray(p + u).astype(np.asarray(p).dtype, copy=False),
-                    params, updates)
+    return tree_map(leafwise(lambda p, u: np.asarray(p + u).astype(p.dtype, copy=False)), params, updates)
 
 
 def identity() -> GradientTransformation:
@@ -201,7 +201,7 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule) -> GradientTransform
 
         def update_const(u: Tree, state: EmptyState, params: Tree | None = None
                          ) -> tuple[Tree, EmptyState]:
-            return tree_map(lambda x: _like(step, x) * x, u), state
+            return tree_map(leafwise(lambda x: _like(step, x) * x), u), state
 
         return GradientTransformation(lambda params: EmptyState(), update_const)
 
@@ -211,7 +211,7 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule) -> GradientTransform
     def update(u: Tree, state: ScaleByScheduleState, params: Tree | None = None
                ) -> tuple[Tree, ScaleByScheduleState]:
         step = -float(lr(state.count))
-        return tree_map(lambda x: _like(step, x) * x, u), ScaleByScheduleState(count=state.count + 1)
+        return tree_map(leafwise(lambda x: _like(step, x) * x), u), ScaleByScheduleState(count=state.count + 1)
 
     return GradientTransformation(init, update)
 
@@ -257,8 +257,9 @@ def scale_by_adam(
     def update(g: Tree, state: ScaleByAdamState, params: Tree | None = None
                ) -> tuple[Tree, ScaleByAdamState]:
         n = state.count + 1
-        m = tree_map(lambda gi, mi: _like(1.0 - b1, gi) * gi + _like(b1, mi) * mi, g, state.mu)
-        v = tree_map(lambda gi, vi: _like(1.0 - b2, gi) * (gi * gi) + _like(b2, vi) * vi, g, state.nu)
+        m = tree_map(leafwise(lambda gi, mi: _like(1.0 - b1, gi) * gi + _like(b1, mi) * mi), g, state.mu)
+        v = tree_map(leafwise(lambda gi, vi: _like(1.0 - b2, gi) * (gi * gi) + _like(b2, vi) * vi),
+                     g, state.nu)
         # Bias corrections in float64, then cast: 1 − b2ⁿ computed in float32 loses digits.
         c1, c2 = 1.0 - b1**n, 1.0 - b2**n
 
@@ -267,7 +268,7 @@ def scale_by_adam(
             v_hat = vi / _like(c2, vi)
             return m_hat / (np.sqrt(v_hat + _like(eps_root, vi)) + _like(eps, vi))
 
-        return tree_map(direction, m, v), ScaleByAdamState(count=n, mu=m, nu=v)
+        return tree_map(leafwise(direction), m, v), ScaleByAdamState(count=n, mu=m, nu=v)
 
     return GradientTransformation(init, update)
 
@@ -296,9 +297,10 @@ def add_decayed_weights(
         if not callable(wd) and lam == 0.0:
             return u, new_state
         mask_tree = _resolve_mask(mask, u)
+        decay = leafwise(lambda ui, p: ui + _like(lam, p) * p)
         if mask_tree is None:
-            return tree_map(lambda ui, p: ui + _like(lam, p) * p, u, params), new_state
-        decayed = tree_map(lambda ui, p, m: ui + _like(lam, p) * p if m else ui, u, params, mask_tree)
+            return tree_map(decay, u, params), new_state
+        decayed = tree_map(lambda ui, p, m: decay(ui, p) if m else ui, u, params, mask_tree)
         return decayed, new_state
 
     return GradientTransformation(init, update)

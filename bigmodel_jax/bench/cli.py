@@ -135,7 +135,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     The run is recorded with its equivalent ``bigmodel bench`` command (``argv``: the flags after
     ``bench`` as typed; default: rebuilt from ``args``)."""
     from bigmodel_jax.bench import plans, report
-    from bigmodel_jax.bench.suite import run_suite, shell_command
+    from bigmodel_jax.bench.suite import run_in_own_process, run_suite, shell_command
 
     command = "bigmodel bench " + shell_command(argv) if argv is not None else canonical_command(args)
     out = Path(args.out)
@@ -149,7 +149,9 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, Any]] = {}
     files = []
     for r in runs:
-        result = run_suite(r.options)
+        # a plan's runs each get a fresh interpreter: one workload's heap, compiled programs and
+        # (on a GPU) device memory cannot slow the next one down
+        result = run_in_own_process(r.options) if len(runs) > 1 else run_suite(r.options)
         stem = f"{args.plan}-{r.name}" if args.plan else r.name
         paths = report.write_all(result, out, stem)
         results[r.name] = result

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from reference_numpy.checks import is_tracer, check_array, check_ids, check_same_dtype
+from reference_numpy.contract import rows_matmul
 
 Params = dict[str, np.ndarray]
 
@@ -76,7 +77,7 @@ def embedding_attend(params: Params, x: np.ndarray) -> tuple[np.ndarray, Any]:
     if x.ndim < 1 or x.shape[-1] != E.shape[1]:
         raise ValueError(f"x must have shape (..., D) = (..., {E.shape[1]}) to match the embedding, got {x.shape}")
     check_same_dtype(x=x, embedding=E)
-    return x @ E.T, x
+    return rows_matmul(x, E.T), x
 
 
 def embedding_attend_backward(params: Params, cache: Any, dlogits: np.ndarray) -> tuple[np.ndarray, Params]:
@@ -85,7 +86,7 @@ def embedding_attend_backward(params: Params, cache: Any, dlogits: np.ndarray) -
     E = params["embedding"]
     D, V = E.shape[1], E.shape[0]
     dE = dlogits.reshape(-1, V).T @ x.reshape(-1, D)  # (V, N) @ (N, D)
-    return dlogits @ E, {"embedding": dE}
+    return rows_matmul(dlogits, E), {"embedding": dE}
 
 
 # --- learned positions ------------------------------------------------------------------------

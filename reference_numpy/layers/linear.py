@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from reference_numpy.checks import check_array, check_same_dtype
+from reference_numpy.contract import rows_matmul
 from reference_numpy.layers.activations import activation as _activation
 
 Params = dict[str, np.ndarray]
@@ -38,7 +39,7 @@ def linear_forward(
     if x.ndim < 1 or x.shape[-1] != w.shape[0]:
         raise ValueError(f"x must have shape (..., {w.shape[0]}), got {x.shape}")
     check_same_dtype(x=x, kernel=w, bias=params.get("bias"))
-    z = x @ w  # (..., In) @ (In, Out) -> (..., Out)
+    z = rows_matmul(x, w)  # (..., In) @ (In, Out) -> (..., Out)
     if "bias" in params:
         z = z + params["bias"]
     act_fwd, _ = _activation(activation)
@@ -56,5 +57,5 @@ def linear_backward(params: Params, cache: Any, dy: np.ndarray) -> tuple[np.ndar
     grads = {"kernel": x2.T @ dz2}
     if "bias" in params:
         grads["bias"] = dz2.sum(axis=0)
-    dx = dz @ params["kernel"].T
+    dx = rows_matmul(dz, params["kernel"].T)
     return dx, grads

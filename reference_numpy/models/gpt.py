@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from reference_numpy.contract import einsum
+from reference_numpy.contract import einsum, rows_matmul
 from reference_numpy.configs import GPTConfig, param_shapes
 from reference_numpy.layers.block import BlockSpec, block_backward, block_forward
 from reference_numpy.layers.dropout import (
@@ -131,7 +131,7 @@ def forward_with_cache(
     if config.tie_embeddings:
         logits, c_head = embedding_attend(params["embed"], h)
     else:
-        logits, c_head = h @ params["lm_head"]["kernel"], h
+        logits, c_head = rows_matmul(h, params["lm_head"]["kernel"]), h
     return logits, (*trunk, c_head)
 
 
@@ -148,7 +148,7 @@ def backward(params: Tree, cache: Any, dlogits: np.ndarray, config: GPTConfig) -
         dh, g_head = embedding_attend_backward(params["embed"], c_head, dlogits)
     else:
         h = c_head
-        dh = dlogits @ params["lm_head"]["kernel"].T
+        dh = rows_matmul(dlogits, params["lm_head"]["kernel"].T)
         grads["lm_head"] = {"kernel": einsum("BTD,BTV->DV", h, dlogits)}
     _, norm_bwd = _norm(config)
     dx, grads["final_norm"] = norm_bwd(params["final_norm"], c_norm, dh)

@@ -59,7 +59,7 @@ from typing import Any
 
 import numpy as np
 
-from reference_numpy.contract import einsum
+from reference_numpy.contract import einsum, rows_matmul
 from reference_numpy.checks import check_array
 from reference_numpy.configs import Seq2SeqConfig, param_shapes
 from reference_numpy.layers.block import BlockSpec, block_backward, block_forward
@@ -282,7 +282,7 @@ def decode_with_cache(
     if config.share_embeddings:
         logits, c_head = embedding_attend(params["embed"], y)  # (B, T, V)
     else:
-        logits, c_head = y @ params["lm_head"]["kernel"], y
+        logits, c_head = rows_matmul(y, params["lm_head"]["kernel"]), y
     if config.final_logits_bias:
         logits = logits + params["final_logits_bias"]  # (V,) broadcast over B, T
     return logits, (c_embed, c_blocks, c_norm, c_head)
@@ -332,7 +332,7 @@ def decode_backward(
         dy, g_head = embedding_attend_backward(params["embed"], c_head, dlogits)
     else:
         h = c_head
-        dy = dlogits @ params["lm_head"]["kernel"].T  # (B, T, D)
+        dy = rows_matmul(dlogits, params["lm_head"]["kernel"].T)  # (B, T, D)
         outer["lm_head"] = {"kernel": einsum("BTD,BTV->DV", h, dlogits)}
     g_dec: Tree = {}
     if config.prenorm:
