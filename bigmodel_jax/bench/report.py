@@ -86,7 +86,8 @@ def markdown(result: dict[str, Any], plot_name: str | None = None) -> str:
         f"# Benchmark: {wl['preset']} ({wl['architecture']}), batch {wl['batch']} x {wl['seq_len']}, {wl['dtype']}",
         "",
         f"- date: {meta['date']}; machine: {m['cpu']} ({m['cpu_count']} cores, load {m.get('load_average')}), "
-        f"backend {m['backend']} / {m['device_kind']}",
+        f"backend {m['backend']} / {m['device_kind']}"
+        + (f"; SIMD: {', '.join(m['cpu_flags'])}" if m.get("cpu_flags") else ""),
         "- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
         f"- command: `{meta.get('command') or 'n/a'}`",
         *([f"- allocator: {meta['allocator']}"] if meta.get("allocator") else []),
