@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from reference_numpy.contract import einsum
+from reference_numpy.contract import einsum, rows_matmul
 from reference_numpy.configs import GPTConfig, Seq2SeqConfig
 from reference_numpy.layers.activations import log_softmax_forward, softmax_forward
 from reference_numpy.layers.attention import key_bias_matters
@@ -90,7 +90,7 @@ def decode_step(params: Tree, cache: Tree, ids: np.ndarray, pos: int, key_mask: 
     h, _ = norm(params["final_norm"], x, eps=config.norm_eps)
     if config.tie_embeddings:
         return embedding_attend(params["embed"], h)[0]
-    return h @ params["lm_head"]["kernel"]
+    return rows_matmul(h, params["lm_head"]["kernel"])
 
 
 def _check(config: GPTConfig, input_ids: np.ndarray, attention_mask: Any, max_new_tokens: int) -> None:
@@ -409,7 +409,7 @@ def seq2seq_decode_step(params: Tree, cache: Tree, ids: np.ndarray, pos: int, sr
             y = y + fn(norm(p[name + "_norm"], y)) if spec.prenorm else norm(p[name + "_norm"], y + fn(y))
     if config.prenorm:
         y = norm(params["decoder"]["final_norm"], y)
-    logits = embedding_attend(params["embed"], y)[0] if config.share_embeddings else y @ params["lm_head"]["kernel"]
+    logits = embedding_attend(params["embed"], y)[0] if config.share_embeddings else rows_matmul(y, params["lm_head"]["kernel"])
     if config.final_logits_bias:
         logits = logits + params["final_logits_bias"]  # (V,) as in the full forward
     return logits

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from reference_numpy.contract import rows_matmul
 from reference_numpy.configs import BertConfig, Config, GPTConfig, Seq2SeqConfig, ViTConfig
 from reference_numpy.layers.block import BlockSpec, block_forward
 from reference_numpy.layers.embeddings import embedding_attend, embedding_forward, position_embedding_forward
@@ -126,7 +127,7 @@ def _gpt(params: Tree, batch: dict[str, Any], config: GPTConfig, task: str) -> T
     elif config.tie_embeddings:
         rows.append(("logits", embedding_attend(params["embed"], h)[0]))  # (B, T, V)
     else:
-        rows.append(("logits", h @ params["lm_head"]["kernel"]))
+        rows.append(("logits", rows_matmul(h, params["lm_head"]["kernel"])))
     return rows
 
 
@@ -179,7 +180,7 @@ def _seq2seq(params: Tree, batch: dict[str, Any], config: Seq2SeqConfig, task: s
     if config.share_embeddings:
         logits, _ = embedding_attend(params["embed"], y)  # (B, T, V)
     else:
-        logits = y @ params["lm_head"]["kernel"]
+        logits = rows_matmul(y, params["lm_head"]["kernel"])
     if config.final_logits_bias:
         logits = logits + params["final_logits_bias"]
     rows.append(("logits", logits))
