@@ -72,16 +72,14 @@ def einsum(spec: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a, b = np.asarray(a), np.asarray(b)
     if plan is None or a.ndim != len(plan.a_axes) or b.ndim != len(plan.b_axes):
         return np.einsum(spec, a, b, optimize=True)
-    a = a.transpose(plan.a_axes)
-    b = b.transpose(plan.b_axes)
+    at, bt = a.transpose(plan.a_axes), b.transpose(plan.b_axes)
     nb, nfa, nfb = plan.n_batch, plan.n_free_a, plan.n_free_b
-    batch, free_a = a.shape[:nb], a.shape[nb:nb + nfa]
-    inner, free_b = a.shape[nb + nfa:], b.shape[b.ndim - nfb:]
-    if b.shape[:nb] != batch or b.shape[nb:b.ndim - nfb] != inner:
-        return np.einsum(spec, a.transpose(np.argsort(plan.a_axes)),
-                         b.transpose(np.argsort(plan.b_axes)), optimize=True)  # shape error text
+    batch, free_a = at.shape[:nb], at.shape[nb:nb + nfa]
+    inner, free_b = at.shape[nb + nfa:], bt.shape[bt.ndim - nfb:]
+    if bt.shape[:nb] != batch or bt.shape[nb:bt.ndim - nfb] != inner:
+        return np.einsum(spec, a, b, optimize=True)  # mismatched sizes: NumPy's own error
     rows, cols, k = math.prod(free_a), math.prod(free_b), math.prod(inner)
-    product = np.matmul(a.reshape(*batch, rows, k), b.reshape(*batch, k, cols))
+    product = np.matmul(at.reshape(*batch, rows, k), bt.reshape(*batch, k, cols))
     return product.reshape(*batch, *free_a, *free_b).transpose(plan.out_axes)
 
 

@@ -24,15 +24,16 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from reference_numpy.contract import einsum, rows_matmul
+from reference_numpy.contract import einsum
 from reference_numpy.configs import GPTConfig, Seq2SeqConfig
 from reference_numpy.layers.activations import log_softmax_forward, softmax_forward
 from reference_numpy.layers.attention import key_bias_matters
-from reference_numpy.layers.embeddings import embedding_attend, embedding_forward, position_embedding_forward
+from reference_numpy.layers.embeddings import embedding_forward, position_embedding_forward
 from reference_numpy.layers.mlp import gated_mlp_forward, mlp_forward
 from reference_numpy.layers.norms import layer_norm_forward, rms_norm_forward
 from reference_numpy.layers.rope import rope_forward
 from reference_numpy.models.common import check_token_batch, layer
+from reference_numpy.models.gpt import lm_logits
 
 Tree = dict[str, Any]
 
@@ -88,9 +89,7 @@ def decode_step(params: Tree, cache: Tree, ids: np.ndarray, pos: int, key_mask: 
         mlp_fwd = gated_mlp_forward if config.gated_mlp else mlp_forward
         x = x + mlp_fwd(p["mlp"], norm(p["mlp_norm"], x, eps=config.norm_eps)[0], activation=config.activation)[0]
     h, _ = norm(params["final_norm"], x, eps=config.norm_eps)
-    if config.tie_embeddings:
-        return embedding_attend(params["embed"], h)[0]
-    return rows_matmul(h, params["lm_head"]["kernel"])
+    return lm_logits(params, h, config)
 
 
 def _check(config: GPTConfig, input_ids: np.ndarray, attention_mask: Any, max_new_tokens: int) -> None:
@@ -375,7 +374,7 @@ def _attend_cached(a: Tree, q: np.ndarray, k: np.ndarray, v: np.ndarray, allowed
 def seq2seq_decode_step(params: Tree, cache: Tree, ids: np.ndarray, pos: int, src_mask: np.ndarray,
                         config: Seq2SeqConfig) -> np.ndarray:
     """Target tokens ids (B, N) at slots [pos, pos + N) -> logits (B, N, V); cache updated in place."""
-    from reference_numpy.models.seq2seq import decoder_spec, embed_scale, position_codes
+    from reference_numpy.models.seq2seq import decoder_logits, decoder_spec, embed_scale, position_codes
 
     B, N = ids.shape
     T = cache["k"].shape[2]
@@ -409,10 +408,7 @@ def seq2seq_decode_step(params: Tree, cache: Tree, ids: np.ndarray, pos: int, sr
             y = y + fn(norm(p[name + "_norm"], y)) if spec.prenorm else norm(p[name + "_norm"], y + fn(y))
     if config.prenorm:
         y = norm(params["decoder"]["final_norm"], y)
-    logits = embedding_attend(params["embed"], y)[0] if config.share_embeddings else rows_matmul(y, params["lm_head"]["kernel"])
-    if config.final_logits_bias:
-        logits = logits + params["final_logits_bias"]  # (V,) as in the full forward
-    return logits
+    return decoder_logits(params, y, config)
 
 
 def check_logits_rules(vocab_size: int, num_beams: int, suppress_tokens: Sequence[int],

@@ -36,7 +36,6 @@ from typing import Any
 
 import numpy as np
 
-from reference_numpy.contract import rows_matmul
 from reference_numpy.configs import BertConfig, Config, GPTConfig, Seq2SeqConfig, ViTConfig
 from reference_numpy.layers.block import BlockSpec, block_forward
 from reference_numpy.layers.embeddings import embedding_attend, embedding_forward, position_embedding_forward
@@ -124,10 +123,8 @@ def _gpt(params: Tree, batch: dict[str, Any], config: GPTConfig, task: str) -> T
     rows.append(("final_norm", h))
     if task == "base":
         rows.append(("last_hidden_state", h))
-    elif config.tie_embeddings:
-        rows.append(("logits", embedding_attend(params["embed"], h)[0]))  # (B, T, V)
     else:
-        rows.append(("logits", rows_matmul(h, params["lm_head"]["kernel"])))
+        rows.append(("logits", gpt.lm_logits(params, h, config)))  # (B, T, V)
     return rows
 
 
@@ -177,13 +174,7 @@ def _seq2seq(params: Tree, batch: dict[str, Any], config: Seq2SeqConfig, task: s
     if task == "base":
         rows.append(("last_hidden_state", y))
         return rows
-    if config.share_embeddings:
-        logits, _ = embedding_attend(params["embed"], y)  # (B, T, V)
-    else:
-        logits = rows_matmul(y, params["lm_head"]["kernel"])
-    if config.final_logits_bias:
-        logits = logits + params["final_logits_bias"]
-    rows.append(("logits", logits))
+    rows.append(("logits", s2s.decoder_logits(params, y, config)))  # (B, T, V)
     return rows
 
 

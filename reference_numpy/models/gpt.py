@@ -122,17 +122,22 @@ def hidden_states(params: Tree, batch: dict[str, Any], config: GPTConfig, *, mas
     return _trunk_with_cache(params, batch, config, masks)[0]
 
 
+def lm_logits(params: Tree, h: np.ndarray, config: GPTConfig) -> np.ndarray:
+    """The LM head: final hidden states h (..., D) -> logits (..., V), through the tied embedding
+    or ``lm_head``. The one place both are computed (forward, ``trace`` and KV-cache decoding
+    call it), so their float32 logits stay bit-identical."""
+    if config.tie_embeddings:
+        return embedding_attend(params["embed"], h)[0]
+    return rows_matmul(h, params["lm_head"]["kernel"])
+
+
 def forward_with_cache(
     params: Tree, batch: dict[str, Any], config: GPTConfig, *, masks: Tree | None = None
 ) -> tuple[np.ndarray, Any]:
     """Logits (B, T, V) and everything backward needs. ``masks``: training dropout masks
     (``dropout_mask_shapes``; e.g. ``np.asarray`` of the JAX ``dropout_masks``), None = evaluation."""
     h, trunk = _trunk_with_cache(params, batch, config, masks)
-    if config.tie_embeddings:
-        logits, c_head = embedding_attend(params["embed"], h)
-    else:
-        logits, c_head = rows_matmul(h, params["lm_head"]["kernel"]), h
-    return logits, (*trunk, c_head)
+    return lm_logits(params, h, config), (*trunk, h)  # both heads' backward needs only h
 
 
 def forward(params: Tree, batch: dict[str, Any], config: GPTConfig, *, masks: Tree | None = None) -> np.ndarray:

@@ -279,13 +279,20 @@ def decode_with_cache(
     c_norm = None
     if config.prenorm:
         y, c_norm = layer_norm_forward(params["decoder"]["final_norm"], y, eps=config.norm_eps)
+    return decoder_logits(params, y, config), (c_embed, c_blocks, c_norm, y)  # the head's backward needs y
+
+
+def decoder_logits(params: Tree, y: np.ndarray, config: Seq2SeqConfig) -> np.ndarray:
+    """The decoder's LM head: y (..., D) -> logits (..., V), through the shared embedding or
+    ``lm_head``, plus ``final_logits_bias`` (V,). The one place it is computed (decode,
+    ``trace`` and KV-cache decoding call it), so their float32 logits stay bit-identical."""
     if config.share_embeddings:
-        logits, c_head = embedding_attend(params["embed"], y)  # (B, T, V)
+        logits = embedding_attend(params["embed"], y)[0]
     else:
-        logits, c_head = rows_matmul(y, params["lm_head"]["kernel"]), y
+        logits = rows_matmul(y, params["lm_head"]["kernel"])
     if config.final_logits_bias:
-        logits = logits + params["final_logits_bias"]  # (V,) broadcast over B, T
-    return logits, (c_embed, c_blocks, c_norm, c_head)
+        logits = logits + params["final_logits_bias"]  # broadcast over the leading axes
+    return logits
 
 
 def decode(params: Tree, enc: np.ndarray, batch: dict[str, Any], config: Seq2SeqConfig) -> np.ndarray:
