@@ -49,6 +49,43 @@ def test_cached_logits_equal_full_recompute(name):
     np.testing.assert_allclose(r_pre, r_full[:, :4], rtol=1e-5, atol=1e-5 * np.max(np.abs(r_full)))
 
 
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("fused_qkv", [False, True])
+def test_unrolled_layer_caches_equal_full_recompute(name, fused_qkv):
+    """The unrolled decoding layout (``decode_params`` weights, ``init_layer_caches``: keys
+    (B K, S, E), values (B K, E, S)) gives the full forward's logits at every cached step, with a
+    left-padded row and, for llama, grouped KV heads and RoPE. float64: the same sums in another
+    order, so agreement to ~1e-12 relative; anything looser means different math."""
+    from bigmodel_jax.perf import PerfOptions
+
+    config, params = _setup(name, dtype="float64")
+    jp = to_jax(params)
+    B, T, P = 2, 7, 4
+    ids = np.random.default_rng(2).integers(0, config.vocab_size, (B, T))
+    mask = np.ones((B, T), bool)
+    mask[1, :2] = False  # row 1 left-padded
+    full = np.asarray(jgpt.forward(jp, {"input_ids": ids, "attention_mask": mask}, config))
+    layout = PerfOptions(scan_layers=False, fused_qkv=fused_qkv)
+    prepared = jgen.decode_params(jp, config, layout)
+    assert isinstance(prepared["layers"], list)
+    cache = jgen.init_layer_caches(config, B, T, jnp.float64)
+    assert cache["k"][0].shape == (B * config.kv_heads, T, config.e)
+    assert cache["v"][0].shape == (B * config.kv_heads, config.e, T)
+    key_mask = jnp.asarray(mask)
+    logits, cache = jgen.decode_step(prepared, cache, jnp.asarray(ids[:, :P]), jnp.asarray(0), key_mask, config)
+    steps = [np.asarray(logits)]
+    for t in range(P, T):
+        logits, cache = jgen.decode_step(prepared, cache, jnp.asarray(ids[:, t:t + 1]), jnp.asarray(t), key_mask,
+                                         config)
+        steps.append(np.asarray(logits))
+    cached = np.concatenate(steps, axis=1)
+    with pytest.raises(ValueError, match="init_layer_caches"):  # per-layer caches need unrolled weights
+        jgen.decode_step(jp, cache, jnp.asarray(ids[:, :1]), jnp.asarray(0), key_mask, config)
+    keep = np.broadcast_to(mask[:, :, None], full.shape)  # padded query slots have no defined output
+    scale = np.max(np.abs(full))
+    assert np.max(np.abs(cached - full)[keep]) <= 1e-12 * scale
+
+
 def _greedy_by_recompute(params, ids, config, n):
     for _ in range(n):
         logits = rgpt.forward(params, {"input_ids": ids}, config)
