@@ -86,6 +86,12 @@ def _mlp_rows(p: Tree, x: jax.Array, config: GPTConfig) -> jax.Array:
     return _proj(p["down"], h, "")
 
 
+def _masked_softmax(logits: jax.Array, allowed: jax.Array) -> jax.Array:
+    """Softmax over the last axis (slots) where ``allowed``; rows with no allowed slot give zeros."""
+    probs = softmax(jnp.where(allowed, logits, jnp.finfo(logits.dtype).min), axis=-1)
+    return jnp.where(allowed, probs, 0.0)
+
+
 def attend_cached(a: Tree, q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
     """Attention of new queries q (B, N, H, E) over cached keys/values (B, S, K, E).
 
@@ -95,13 +101,8 @@ def attend_cached(a: Tree, q: jax.Array, k: jax.Array, v: jax.Array, allowed: ja
     B, N, H, E = q.shape
     K = k.shape[2]
     logits = jnp.einsum("BNKGE,BSKE->BKGNS", q.reshape(B, N, K, H // K, E), k) / math.sqrt(E)
-    probs = softmax(jnp.where(allowed, logits, jnp.finfo(logits.dtype).min), axis=-1)
-    probs = jnp.where(allowed, probs, 0.0)
-    o = jnp.einsum("BKGNS,BSKE->BNKGE", probs, v).reshape(B, N, H, E)
-    if "rows" in a["out"]:  # (D, H E) rows from decode_params
-        y = jnp.einsum("BNF,DF->BND", o.reshape(B, N, H * E), a["out"]["rows"])
-    else:
-        y = jnp.einsum("BNHE,HED->BND", o, a["out"]["kernel"])
+    o = jnp.einsum("BKGNS,BSKE->BNKGE", _masked_softmax(logits, allowed), v).reshape(B, N, H, E)
+    y = jnp.einsum("BNHE,HED->BND", o, a["out"]["kernel"])
     return y + a["out"]["bias"] if "bias" in a["out"] else y
 
 
@@ -132,9 +133,7 @@ def attend_layer_cache(a: Tree, q: jax.Array, k: jax.Array, v: jax.Array, allowe
     q = rearrange(q, "B N (K G) E -> (B K) (G N) E", K=K)
     per_head = (((2,), (2,)), ((0,), (0,)))  # contract E (then S), batch over B K
     logits = jax.lax.dot_general(q, k, per_head) / math.sqrt(E)  # (B K, G N, S)
-    logits = logits.reshape(B, K, G, N, -1)
-    probs = softmax(jnp.where(allowed, logits, jnp.finfo(logits.dtype).min), axis=-1)
-    probs = jnp.where(allowed, probs, 0.0).reshape(B * K, G * N, -1)
+    probs = _masked_softmax(logits.reshape(B, K, G, N, -1), allowed).reshape(B * K, G * N, -1)
     o = jax.lax.dot_general(probs, v, per_head)  # (B K, G N, E)
     o = rearrange(o, "(B K) (G N) E -> B N (K G E)", B=B, G=G)
     y = jnp.einsum("BNF,DF->BND", o, a["out"]["rows"])
@@ -205,15 +204,16 @@ def decode_step(
     key_mask: (B, S) bool, False for padded slots. Returns logits (B, N, V) and the cache with
     the new keys/values written in. ``params`` may come from ``decode_params`` (layers as a
     per-layer list: an unrolled loop; a fused ``attn["qkv"]`` projection); the plain tree runs
-    ``lax.scan`` over the stacked layers. ``cache`` is ``init_cache``'s stacked cache (either
-    layout of the weights) or ``init_layer_caches``' per-layer arrays (unrolled weights only).
+    ``lax.scan`` over the stacked layers. ``cache`` matches the weights: ``init_cache``'s stacked
+    cache for the stacked layers, ``init_layer_caches``' per-layer arrays for the unrolled ones.
     """
     B, N = ids.shape
-    per_layer = isinstance(cache["k"], list)  # init_layer_caches
-    if per_layer and not isinstance(params["layers"], list):
-        raise ValueError("per-layer caches (init_layer_caches) need the unrolled weights of decode_params "
-                         "(PerfOptions(scan_layers=False)); the stacked layers take init_cache's cache")
-    S = cache["k"][0].shape[1] if per_layer else cache["k"].shape[2]
+    unrolled = isinstance(params["layers"], list)
+    if unrolled != isinstance(cache["k"], list):
+        raise ValueError("the cache does not match the weights' layout: decode_params' unrolled weights "
+                         "(PerfOptions(scan_layers=False)) take init_layer_caches' per-layer caches, the "
+                         "stacked layers take init_cache's stacked cache")
+    S = cache["k"][0].shape[1] if unrolled else cache["k"].shape[2]
     slots = pos + jnp.arange(N)  # (N,)
     x = embed(params["embed"], ids)  # (B, N, D)
     if config.positions == "learned":
@@ -242,7 +242,7 @@ def decode_step(
         if rope_on:
             q = rope(q, slots, theta=config.rope_theta)
             k = rope(k, slots, theta=config.rope_theta)
-        if per_layer:  # k (B K, S, E), v (B K, E, S)
+        if unrolled:  # init_layer_caches: k (B K, S, E), v (B K, E, S)
             k_rows = rearrange(k, "B N K E -> (B K) N E").astype(k_cache.dtype)
             v_cols = rearrange(v, "B N K E -> (B K) E N").astype(v_cache.dtype)
             k_cache = jax.lax.dynamic_update_slice(k_cache, k_rows, (0, pos, 0))
@@ -252,15 +252,15 @@ def decode_step(
             k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, pos, 0, 0))
             v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, pos, 0, 0))
             h = h + attend_cached(a, q, k_cache, v_cache, allowed)
-        if "rows" in p["mlp"]["up"]:
+        if unrolled:  # (Out, In) rows from decode_params
             h = h + _mlp_rows(p["mlp"], norm(p["mlp_norm"], h, config.norm_eps), config)
         else:
             mlp_fn = gated_mlp if config.gated_mlp else mlp
             h = h + mlp_fn(p["mlp"], norm(p["mlp_norm"], h, config.norm_eps), activation=config.activation)
         return h, (k_cache, v_cache)
 
-    if isinstance(params["layers"], list):  # unrolled (decode_params): weights read in place,
-        # and the cache as L per-layer arrays, each updated in place
+    if unrolled:  # decode_params: weights read in place, and the cache as L per-layer arrays,
+        # each updated in place
         k_new, v_new = list(cache["k"]), list(cache["v"])
         for i, p in enumerate(params["layers"]):
             x, (k_new[i], v_new[i]) = layer(x, (p, k_new[i], v_new[i]))

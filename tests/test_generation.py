@@ -81,6 +81,9 @@ def test_unrolled_layer_caches_equal_full_recompute(name, fused_qkv):
     cached = np.concatenate(steps, axis=1)
     with pytest.raises(ValueError, match="init_layer_caches"):  # per-layer caches need unrolled weights
         jgen.decode_step(jp, cache, jnp.asarray(ids[:, :1]), jnp.asarray(0), key_mask, config)
+    with pytest.raises(ValueError, match="init_cache"):  # and unrolled weights need per-layer caches
+        jgen.decode_step(prepared, jgen.init_cache(config, B, T, jnp.float64), jnp.asarray(ids[:, :1]),
+                         jnp.asarray(0), key_mask, config)
     keep = np.broadcast_to(mask[:, :, None], full.shape)  # padded query slots have no defined output
     scale = np.max(np.abs(full))
     assert np.max(np.abs(cached - full)[keep]) <= 1e-12 * scale
