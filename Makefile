@@ -14,14 +14,15 @@ $(VENV)/.installed: pyproject.toml
 ## demo: the main job on built-in data: train a small GPT on the Python stdlib source, verified
 ## against the NumPy reference, then perplexity, a sample, throughput and the loss plot
 demo: $(VENV)/.installed
-	$(PY) -m bigmodel_jax demo
+	$(PY) -m bigmodel_apps demo
 
 ## check: the parity report of every layer and model (NumPy reference vs JAX)
 check: $(VENV)/.installed
-	$(PY) -m bigmodel_jax check
+	$(PY) -m bigmodel_apps check
 
-## test: the whole test suite
+## test: the package-stack contracts (import-linter, see pyproject.toml), then the whole test suite
 test: $(VENV)/.installed
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -p no:cacheprovider -n 2
 
 clean:

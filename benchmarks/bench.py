@@ -1,6 +1,6 @@
 """Benchmark entry script: ``python benchmarks/bench.py [flags]`` == ``bigmodel bench [flags]``.
 
-The implementation lives in the installed package (``bigmodel_jax.bench``), so the suite also
+The implementation lives in the installed package (``bigmodel_apps.bench``), so the suite also
 runs where only the package is installed; this script only makes it runnable from a checkout
 without installing (``PYTHONPATH=.`` or the script's own directory insertion below).
 
@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 if __name__ == "__main__":
-    root = Path(__file__).resolve().parent.parent  # the checkout, so `bigmodel_jax` imports from it
+    root = Path(__file__).resolve().parent.parent  # the checkout, so `bigmodel_apps` imports from it
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
-    from bigmodel_jax.bench.cli import main
+    from bigmodel_apps.bench.cli import main
 
     sys.exit(main(sys.argv[1:]))

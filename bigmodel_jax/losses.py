@@ -17,17 +17,17 @@ import jax.numpy as jnp
 import optax
 
 from reference_numpy.checks import check_array, check_same_dtype
-from reference_numpy.losses import check_bce_args, check_cross_entropy_args
+from reference_numpy.losses import IGNORE_INDEX, check_bce_args, check_cross_entropy_args
 
 
 def cross_entropy(
-    logits: jax.Array, labels: jax.Array, *, ignore_index: int = -100, label_smoothing: float = 0.0
+    logits: jax.Array, labels: jax.Array, *, ignore_index: int = IGNORE_INDEX, label_smoothing: float = 0.0
 ) -> jax.Array:
     """logits: (..., V) float, labels: (...) ints -> mean loss over non-ignored labels, 0-d."""
     check_cross_entropy_args(logits, labels, ignore_index, label_smoothing)
     eps = label_smoothing
     valid = labels != ignore_index  # (...)
-    # An ignored label (-100) would gather out of bounds (NaN); read class 0 and mask it out.
+    # An ignored label (IGNORE_INDEX) would gather out of bounds (NaN); read class 0 and mask it out.
     safe = jnp.where(valid, labels, 0)
     # Shift by the row max first (CE is shift-invariant, so no gradient flows through it): then
     # lse(shifted) and shifted[label] are O(spread), not O(offset), and a row like 1e4 + N(0, 1)

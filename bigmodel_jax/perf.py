@@ -49,7 +49,7 @@ mlm_capacity       BERT masked-LM loss only: None = the vocabulary head at every
 donate             the training step donates its parameter and optimizer-state buffers
                    (``jax.jit(..., donate_argnums)``), so XLA updates them in place instead of
                    holding the old and the new copy at once. Read by the step builders
-                   (``bigmodel_jax.bench``), not by the forwards.
+                   (``bigmodel_apps.bench``), not by the forwards.
 =================  ==========================================================================
 """
 
@@ -144,8 +144,8 @@ def cast_params(params: Any, perf: PerfOptions | None, *, keep_tables_fp32: bool
 
     ``keep_tables_fp32``: lookup tables (leaves named ``embedding``) stay in fp32. A lookup's
     gradient is a scatter-add of every position's row into its table row (BERT's token-type row
-    0 sums all B x T rows): in bf16 that sum keeps ~3 digits (measured 15% error on bert-base's
-    token-type gradient), in fp32 it is exact enough. The model casts the looked-up rows to the
+    0 sums all B x T rows): in bf16 that sum keeps ~3 significant digits, too few for a sum of
+    thousands of rows (``benchmarks/results/README.md``), in fp32 it is exact enough. The model casts the looked-up rows to the
     compute dtype (``cast_input``), and ``einsum`` casts a table used as a matmul weight (the
     tied output head) inside the product. Decoding, which has no gradient and wants the fewest
     bytes, passes False."""

@@ -21,6 +21,7 @@ from bigmodel_port.errors import CheckpointError
 from bigmodel_port.hf.checkpoint import load_pretrained, save_pretrained
 from bigmodel_port.native import load_native, load_npz, save_native, save_npz
 from reference_numpy.configs import Config
+from reference_numpy.tree import tree_leaves, tree_map
 
 FORMATS = ("hf", "native", "npz")
 
@@ -66,7 +67,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, archite
     """
     config, tree, meta = read_any(src, strict=strict, architecture=architecture if format_of(src) == "hf" else None)
     if dtype is not None:
-        tree = _cast(tree, np.dtype(dtype))
+        tree = tree_map(lambda a: np.asarray(a).astype(dtype), tree)
         config = replace(config, dtype=dtype)
     out = format_of(dst)
     if out == "hf":
@@ -82,17 +83,5 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, archite
         save_native(dst, tree, config, extra_metadata=meta)
     else:
         save_npz(dst, tree, config, extra_metadata=meta)
-    n = sum(int(np.prod(a.shape)) for a in _leaves(tree))
+    n = sum(int(np.size(a)) for a in tree_leaves(tree))
     return f"{src} ({format_of(src)}) -> {dst} ({out}): {type(config).__name__}, {n:,} parameters"
-
-
-def _cast(tree: Any, dtype: np.dtype) -> Any:
-    if isinstance(tree, dict):
-        return {k: _cast(v, dtype) for k, v in tree.items()}
-    return np.asarray(tree).astype(dtype)
-
-
-def _leaves(tree: Any) -> list[np.ndarray]:
-    if isinstance(tree, dict):
-        return [x for v in tree.values() for x in _leaves(v)]
-    return [np.asarray(tree)]

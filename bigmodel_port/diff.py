@@ -33,6 +33,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from bigmodel_port.hf.checkpoint import load_pretrained
+from bigmodel_port.tokenization import AutoTokenizer
+from bigmodel_port.trace_torch import FLOAT32_INSIDE, effective_dtype, trace_torch
+from reference_numpy import trace as ref_trace
 from reference_numpy.tolerances import TINY, Tolerance, tolerance_for
 
 Trace = list[tuple[str, np.ndarray]]
@@ -267,8 +271,6 @@ def make_inputs(config: Any, *, ids: Sequence[int] | None = None, text: str | No
 def _tokenize(model_dir: str | os.PathLike[str] | None, text: str) -> list[int]:
     """``text`` -> ids with the model directory's own tokenizer (special tokens added, as
     transformers' tokenizer call does)."""
-    from bigmodel_port.tokenization import AutoTokenizer
-
     if model_dir is None:
         raise ValueError("--text needs the model directory's tokenizer")
     try:
@@ -285,10 +287,8 @@ def trace_side(side: str, config: Any, params: Any, batch: dict[str, Any], task:
     """The trace of one side: ours run ``config`` + ``params``; torch loads ``architecture``
     from ``model_dir`` (its own config: overrides of ours do not reach it)."""
     if side == "reference":
-        from reference_numpy.trace import trace
-
-        return trace(config, params, batch, task)
-    if side == "jax":
+        return ref_trace.trace(config, params, batch, task)
+    if side == "jax":  # jax imported on first use: bigmodel_port loads no autograd framework
         import jax
 
         if dtype == "float64" and not jax.config.jax_enable_x64:
@@ -299,8 +299,6 @@ def trace_side(side: str, config: Any, params: Any, batch: dict[str, Any], task:
     if side == "torch":
         if model_dir is None or architecture is None:
             raise ValueError("the torch side needs model_dir and architecture")
-        from bigmodel_port.trace_torch import trace_torch
-
         return trace_torch(model_dir, architecture, batch, task, dtype)
     raise ValueError(f"unknown side {side!r}; sides: {list(SIDES)}")
 
@@ -315,8 +313,6 @@ def run_diff(model_dir: str | os.PathLike[str], a: str = "reference", b: str = "
     the checkpoint's own config (so they change how our side computes, not how weights are
     read), on our side(s) only; torch always runs the checkpoint as saved.
     """
-    from bigmodel_port.hf.checkpoint import load_pretrained
-
     for side in (a, b):
         if side not in SIDES:
             raise ValueError(f"unknown side {side!r}; sides: {list(SIDES)}")
@@ -337,8 +333,6 @@ def run_diff(model_dir: str | os.PathLike[str], a: str = "reference", b: str = "
         meta["overrides (our side)"] = ", ".join(f"{k}={v!r}" for k, v in changed.items())
     tol_dtype = dtype
     if "torch" in (a, b):
-        from bigmodel_port.trace_torch import FLOAT32_INSIDE, effective_dtype
-
         model_type = pre.hf_config["model_type"]
         tol_dtype = effective_dtype(model_type, dtype)
         if tol_dtype != dtype:

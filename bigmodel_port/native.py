@@ -36,7 +36,8 @@ from bigmodel_port.atomic import atomic_write
 from bigmodel_port.errors import CheckpointError
 from bigmodel_port.weights import read_safetensors, read_safetensors_metadata, write_safetensors
 from reference_numpy.configs import BertConfig, Config, GPTConfig, Seq2SeqConfig, ViTConfig
-from reference_numpy.tree import Tree, tree_leaves_with_path, tree_set
+from reference_numpy.tree import Tree, tree_flatten
+from reference_numpy.tree import tree_unflatten as unflatten_tree
 
 __all__ = [
     "CONFIG_CLASSES", "FORMAT_NAME", "FORMAT_VERSION", "flatten_tree", "load_native", "load_npz",
@@ -53,59 +54,23 @@ CONFIG_CLASSES: dict[str, type] = {
 # Metadata keys save_native owns; extra_metadata may not override them.
 _RESERVED_KEYS = ("format", "format_version", "family", "config_class", "config")
 _NPZ_META_KEY = "__bigmodel_meta__"
-_SEP = "/"  # reference_numpy.tree's path separator
 
 
 # --------------------------------------------------------------------------------------------
-# trees <-> flat dicts
-
-
-def _check_tree(node: Any, path: str) -> None:
-    """Keys must be non-empty strings without "/" (else two trees could flatten to the same
-    keys), and no sub-dict may be empty (it has no leaves, so it would not survive a round trip)."""
-    if not isinstance(node, dict):
-        return
-    if not node and path:
-        raise ValueError(f"empty subtree at {path!r}: it has no leaves and cannot be stored; "
-                         "remove it before saving")
-    for k, v in node.items():
-        if not isinstance(k, str) or not k or _SEP in k:
-            where = f" under {path!r}" if path else ""
-            raise ValueError(f"tree key {k!r}{where} must be a non-empty string without {_SEP!r}")
-        _check_tree(v, f"{path}{_SEP}{k}" if path else k)
+# trees <-> flat dicts (reference_numpy.tree's flat form; unflatten_tree is its tree_unflatten)
 
 
 def flatten_tree(tree: Tree) -> dict[str, np.ndarray]:
-    """``{"a/b/c": array}`` for every leaf, in sorted path order; leaves go through
-    ``np.asarray`` (so jax arrays are copied to host memory)."""
-    if not isinstance(tree, dict):
-        raise TypeError(f"a parameter tree is a dict, not {type(tree).__name__}")
-    _check_tree(tree, "")
+    """``{"a/b/c": array}`` for every leaf (``reference_numpy.tree.tree_flatten``, so keys are
+    checked and in sorted path order); leaves go through ``np.asarray`` (so jax arrays are copied
+    to host memory)."""
     flat: dict[str, np.ndarray] = {}
-    for path, leaf in tree_leaves_with_path(tree):
+    for path, leaf in tree_flatten(tree).items():
         a = np.asarray(leaf)
         if a.dtype.kind == "O":
             raise TypeError(f"leaf {path!r} is {type(leaf).__name__}, not a numeric array")
         flat[path] = a
     return flat
-
-
-def unflatten_tree(flat: Mapping[str, Any]) -> Tree:
-    """The nested tree of a ``{"a/b/c": leaf}`` dict (inverse of :func:`flatten_tree`)."""
-    tree: Tree = {}
-    for path in sorted(flat):  # sorted: a deterministic key order, as tree_leaves_with_path has
-        parts = path.split(_SEP) if isinstance(path, str) else [""]
-        if not all(parts):
-            raise ValueError(f"invalid tree path {path!r}: empty component")
-        node = tree
-        for i, part in enumerate(parts[:-1]):
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"path {path!r} runs through the leaf {_SEP.join(parts[:i + 1])!r}")
-        if isinstance(node.get(parts[-1]), dict):
-            raise ValueError(f"path {path!r} is both a leaf and a subtree")
-        tree_set(tree, path, flat[path])
-    return tree
 
 
 def _unflatten_file(flat: Mapping[str, Any], path: Path) -> Tree:

@@ -10,17 +10,29 @@ Files read, in this order of preference (the first one present wins, as in trans
 3. ``pytorch_model.bin``
 4. ``pytorch_model.bin.index.json`` plus the shards it names
 
+This module also holds the one safetensors reader (:func:`read_safetensors`) and writer
+(:func:`write_safetensors`) of the project: model files (``bigmodel_port.native``) and training
+checkpoints (``bigmodel_train.checkpoint``) go through them too.
+
 Dtypes: numpy has no bfloat16 (nor float8), so those tensors are converted to ``float32`` on
 load. The conversion is exact: a bfloat16 is the upper 16 bits of the float32 with the same
 value, so we shift its bit pattern left by 16 (safetensors) or let torch widen it (``.bin``).
 Cast back explicitly (``config.dtype``) if you need the narrow type. All other dtypes come back
-unchanged.
+unchanged. ``read_safetensors(path, widen=False)`` keeps them instead, bit for bit, as
+ml_dtypes' bfloat16 / float8 (what training checkpoints need).
 
 Safety: ``.bin`` files are pickles. They are read with ``torch.load(weights_only=True)`` only;
 a pickle that would run code is refused with a :class:`CheckpointError`. safetensors headers
-are validated here (lengths, JSON, offsets against the file size) before the safetensors
-library sees the file, so a corrupt or truncated file gives an error naming the file and the
-problem instead of the library's anonymous one.
+are validated here (lengths, JSON, offsets against the file size, tensors tiling the data
+section as the format requires) before the safetensors library reads any tensor, so a corrupt
+or truncated file gives an error naming the file and the problem instead of the library's
+anonymous one.
+
+Writing streams: the header first, then each array's bytes straight from its buffer, into an
+atomic temporary (``bigmodel_port.atomic``), so saving never holds a second copy of the tensors
+in memory (the library's ``safetensors.numpy.save_file`` builds the whole file in memory first).
+Tensors are laid out as the library lays them out (widest dtype first, then by name), so every
+tensor starts at a multiple of its item size, and the library reads our files.
 """
 
 from __future__ import annotations
@@ -34,21 +46,19 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
-import safetensors.numpy
 from safetensors import safe_open
 
-from bigmodel_port.atomic import atomic_write_bytes, atomic_write_text
+from bigmodel_port.atomic import atomic_open, atomic_write_text
 from bigmodel_port.errors import CheckpointError
 from bigmodel_port.paths import local_model_dir
 
 __all__ = [
-    "SAFE_WEIGHTS_INDEX_NAME", "SAFE_WEIGHTS_NAME", "WEIGHTS_INDEX_NAME", "WEIGHTS_NAME",
-    "encode_safetensors", "find_shared_tensors", "find_weights_file", "load_state_dict",
-    "parse_size", "read_safetensors", "read_safetensors_metadata", "save_state_dict",
-    "write_safetensors",
+    "DTYPE_TAGS", "SAFE_WEIGHTS_INDEX_NAME", "SAFE_WEIGHTS_NAME", "WEIGHTS_INDEX_NAME", "WEIGHTS_NAME",
+    "find_shared_tensors", "find_weights_file", "load_state_dict", "parse_size", "read_safetensors",
+    "read_safetensors_metadata", "save_state_dict", "storable_array", "write_safetensors",
 ]
 
 # HuggingFace's file names (transformers.utils.SAFE_WEIGHTS_NAME etc.).
@@ -72,9 +82,10 @@ _NP_DTYPES: dict[str, np.dtype[Any]] = {
 }
 # Tags numpy lacks; widened to float32 on load (see the module docstring).
 _WIDENED_ITEMSIZE = {"BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
-# numpy dtype names accepted on save besides _NP_DTYPES: ml_dtypes' types (what jax arrays of
-# these dtypes become under np.asarray), which the safetensors library writes as BF16 / F8_*.
-_ML_DTYPE_NAMES = {"bfloat16", "float8_e4m3fn", "float8_e5m2"}
+# ml_dtypes' names for them (what jax arrays of these dtypes become under np.asarray).
+_ML_DTYPE_TAGS = {"bfloat16": "BF16", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
+# numpy dtype name -> safetensors tag, for every dtype written and (widen=False) read back.
+DTYPE_TAGS: dict[str, str] = {**{dt.name: tag for tag, dt in _NP_DTYPES.items()}, **_ML_DTYPE_TAGS}
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,22 +216,35 @@ def _read_header(path: Path) -> _Header:
             raise _corrupt(path, f"tensor {name!r} ({dtype}, shape {shape}) needs {expected} bytes "
                                  f"but its data_offsets [{begin}, {end}] span {end - begin}")
         entries[name] = _Entry(dtype, tuple(shape), begin, end)
+    # The format has the tensors tile the data section, back to back and in full.
+    filled = 0
+    for name, e in sorted(entries.items(), key=lambda item: (item[1].begin, item[1].end)):
+        if e.begin != filled:
+            raise _corrupt(path, f"tensor {name!r} data_offsets [{e.begin}, {e.end}] "
+                                 f"{'overlap' if e.begin < filled else 'leave a gap after'} the "
+                                 f"tensor before it (which ends at {filled})")
+        filled = e.end
+    if filled != data_size:
+        raise _corrupt(path, f"the data section holds {data_size} bytes but its tensors fill {filled}")
     return _Header(entries, metadata, 8 + n)
 
 
-def _widen_to_float32(raw: bytes, dtype: str, path: Path, name: str) -> np.ndarray:
-    """float32 values of a BF16 / F8 tensor's little-endian bytes (exact: every bf16 / fp8 value
-    is representable in float32)."""
-    if dtype == "BF16":
-        bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16  # bf16 = top half of f32
-        return bits.view(np.float32)
-    try:  # float8 has no fixed-width bit trick worth hand-writing; ml_dtypes ships with jax
+def _ml_dtype(tag: str, path: Path, name: str) -> np.dtype[Any]:
+    """ml_dtypes' type for a BF16 / F8 tag (ml_dtypes ships with jax)."""
+    try:
         import ml_dtypes
     except ImportError:
-        raise CheckpointError(f"{path}: tensor {name!r} is {dtype}; reading float8 needs the "
-                              "ml_dtypes package (installed with jax)") from None
-    np_type = {"F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}[dtype]
-    return np.frombuffer(raw, dtype=np_type).astype(np.float32)
+        raise CheckpointError(f"{path}: tensor {name!r} is {tag}; reading it needs the ml_dtypes "
+                              "package (installed with jax)") from None
+    return np.dtype(getattr(ml_dtypes, next(n for n, t in _ML_DTYPE_TAGS.items() if t == tag)))
+
+
+def _widen_to_float32(a: np.ndarray, tag: str) -> np.ndarray:
+    """float32 values of a BF16 tensor read as its uint16 bit patterns, or of an ml_dtypes
+    float8 tensor (exact: every bf16 / fp8 value is representable in float32)."""
+    if tag == "BF16":
+        return (a.astype(np.uint32) << 16).view(np.float32)  # bf16 = top half of f32
+    return a.astype(np.float32)
 
 
 def read_safetensors_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
@@ -229,83 +253,97 @@ def read_safetensors_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     return dict(_read_header(Path(path)).metadata)
 
 
-def read_safetensors(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
-    """All tensors of one safetensors file, in header order; BF16 / F8 become float32.
+def read_safetensors(path: str | os.PathLike[str], *, widen: bool = True) -> dict[str, np.ndarray]:
+    """All tensors of one safetensors file, in header order, read bit for bit.
 
-    Raises :class:`CheckpointError` naming the file if it is corrupt or truncated.
+    The header is validated here first (:func:`_read_header`); the tensors are then read by the
+    safetensors library. ``widen=True``: BF16 / F8 tensors become float32 (exact; numpy has no
+    such dtypes, and BF16 needs no extra package). ``widen=False``: they come back as ml_dtypes'
+    bfloat16 / float8. Raises :class:`CheckpointError` naming the file if it is corrupt or
+    truncated.
     """
     path = Path(path)
     header = _read_header(path)
     out: dict[str, np.ndarray] = {}
     try:
-        with safe_open(path, framework="np") as f, open(path, "rb") as raw_file:
+        with safe_open(path, framework="numpy") as lib, open(path, "rb") as f:
             for name, e in header.entries.items():
                 if e.dtype in _NP_DTYPES:
-                    out[name] = f.get_tensor(name)
-                else:  # numpy cannot represent it: read the raw bytes ourselves and widen
-                    raw_file.seek(header.data_start + e.begin)
-                    raw = raw_file.read(e.end - e.begin)
-                    out[name] = _widen_to_float32(raw, e.dtype, path, name).reshape(e.shape)
-    except CheckpointError:
+                    out[name] = lib.get_tensor(name)
+                    continue
+                # raw bytes: the library reads BF16 to numpy only after ml_dtypes loads, F8 never
+                if e.dtype == "BF16" and widen:
+                    dtype = np.dtype("<u2")  # its bit patterns, widened below without ml_dtypes
+                else:
+                    dtype = _ml_dtype(e.dtype, path, name)
+                a = np.empty(e.shape, dtype)
+                f.seek(header.data_start + e.begin)
+                if f.readinto(a.reshape(-1).view(np.uint8)) != e.end - e.begin:
+                    raise _corrupt(path, f"tensor {name!r} is cut short")
+                out[name] = _widen_to_float32(a, e.dtype) if widen else a
+    except (CheckpointError, MemoryError):
         raise
-    except Exception as exc:  # what our checks missed (e.g. overlapping offsets): name the file
-        if isinstance(exc, MemoryError):
-            raise
+    except Exception as exc:  # the library's errors (a file changed since the checks) name no file
         raise _corrupt(path, f"{type(exc).__name__}: {exc}") from None
     return out
 
 
-def _as_saveable(name: Any, value: Any) -> np.ndarray:
+def storable_array(value: Any, name: str) -> np.ndarray:
+    """``value`` as the array :func:`write_safetensors` stores: C-contiguous, little-endian, of
+    a dtype safetensors holds (``DTYPE_TAGS``); TypeError naming the tensor otherwise."""
     if not isinstance(name, str):
         raise TypeError(f"tensor names must be strings, got {name!r}")
-    # np.asarray also pulls jax arrays to host; order="C" copies only non-contiguous arrays
-    # (the safetensors binding writes the raw buffer and would scramble a strided view).
-    a = np.asarray(value, order="C")
-    storable = a.dtype.name in _ML_DTYPE_NAMES or (
-        a.dtype.kind in "biuf" and a.dtype.newbyteorder("<") in _NP_DTYPES.values())
-    if not storable:  # object, string, complex, float128...: say which tensor, not just "error"
-        raise TypeError(f"tensor {name!r} has dtype {a.dtype}, which safetensors cannot store")
-    return a
+    # np.asarray also pulls jax arrays to host (and keeps a 0-d array 0-d)
+    a = np.asarray(value)
+    if a.dtype.name not in DTYPE_TAGS:  # object, string, complex, float128...: say which tensor
+        raise TypeError(f"tensor {name!r} has dtype {a.dtype}, which safetensors cannot store "
+                        f"(it stores {', '.join(DTYPE_TAGS)})")
+    if a.dtype.byteorder == ">":
+        a = a.astype(a.dtype.newbyteorder("<"))
+    return a if a.flags.c_contiguous else a.copy(order="C")
 
 
-def _fix_scalar_shapes(data: bytes, scalars: list[str]) -> bytes:
-    """Rewrite the header so 0-d tensors have shape ``[]``.
-
-    safetensors' numpy binding records a 0-d array as shape ``[1]`` (the torch binding writes
-    ``[]``); the bytes are right, only the shape is lost. Re-encoding the header keeps the data
-    section untouched because data offsets are relative to the end of the header.
-    """
-    n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + n])
-    changed = False
-    for name in scalars:
-        if header[name]["shape"] != []:
-            header[name]["shape"] = []
-            changed = True
-    if not changed:
-        return data
-    new = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    new += b" " * (-len(new) % 8)  # keep the data section 8-byte aligned, as the library does
-    return len(new).to_bytes(8, "little") + new + data[8 + n:]
+def _header_bytes(arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None) -> bytes:
+    """The length field and JSON header of a file holding ``arrays`` back to back, in order."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, a in arrays.items():
+        header[name] = {"dtype": DTYPE_TAGS[a.dtype.name], "shape": list(a.shape),
+                        "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # an 8-byte aligned data section, as the library writes
+    return len(raw).to_bytes(8, "little") + raw
 
 
-def encode_safetensors(tensors: Mapping[str, Any],
-                       metadata: Mapping[str, str] | None = None) -> bytes:
-    """The bytes of a safetensors file holding ``tensors`` (arrays, or anything ``np.asarray``
-    accepts, such as jax arrays), made C-contiguous first. ``metadata`` values must be strings."""
-    arrays = {name: _as_saveable(name, v) for name, v in tensors.items()}
-    meta = dict(metadata) if metadata else None
-    if meta and not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
-        raise TypeError("safetensors metadata must map strings to strings")
-    data = safetensors.numpy.save(arrays, metadata=meta)
-    scalars = [name for name, a in arrays.items() if a.ndim == 0]
-    return _fix_scalar_shapes(data, scalars) if scalars else data
+def _write_array(f: IO[bytes], a: np.ndarray) -> None:
+    """Append the raw bytes of the C-contiguous little-endian array ``a``."""
+    if a.size:
+        f.write(memoryview(a.reshape(-1).view(np.uint8)))
 
 
 def write_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, Any],
                       metadata: Mapping[str, str] | None = None) -> Path:
-    """Atomically write ``tensors`` to the safetensors file ``path``; returns it as a Path."""
-    return atomic_write_bytes(path, encode_safetensors(tensors, metadata))
+    """Atomically write ``tensors`` (arrays, or anything ``np.asarray`` accepts, such as jax
+    arrays) to the safetensors file ``path``, streaming one array at a time; returns it as a
+    Path. ``metadata`` values must be strings.
+
+    Not ``safetensors.numpy.save_file``: it builds the whole file in memory (a second copy of
+    every tensor), and releases of it have stored a 0-d array as shape ``[1]``.
+    """
+    if metadata and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise TypeError("safetensors metadata must map strings to strings")
+    arrays = {name: storable_array(v, name) for name, v in tensors.items()}
+    if "__metadata__" in arrays:
+        raise ValueError("'__metadata__' is reserved for the file's metadata, not a tensor name")
+    # the library's layout: widest item first (each tensor then starts aligned), then by name
+    order = sorted(arrays, key=lambda name: (-arrays[name].dtype.itemsize, name))
+    arrays = {name: arrays[name] for name in order}
+    with atomic_open(path, "wb") as f:
+        f.write(_header_bytes(arrays, metadata))
+        for a in arrays.values():
+            _write_array(f, a)
+    return Path(path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -552,7 +590,7 @@ def save_state_dict(model_dir: str | os.PathLike[str], tensors: Mapping[str, Any
     """
     limit = parse_size(max_shard_size)
     meta = dict(metadata) if metadata is not None else {"format": "pt"}
-    arrays = {name: _as_saveable(name, v) for name, v in tensors.items()}
+    arrays = {name: storable_array(v, name) for name, v in tensors.items()}
     directory = Path(model_dir)
     directory.mkdir(parents=True, exist_ok=True)
     stale = _stale_weight_files(directory)

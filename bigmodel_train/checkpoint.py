@@ -17,13 +17,15 @@ describes how to rebuild the containers and scalars around them. Supported value
 * ``np.random.Generator`` (its ``bit_generator.state``, JSON with 128-bit ints);
 * Python ``None``, ``bool``, ``int`` (any size), ``float`` (NaN/inf included), ``str``.
 
-Files: ``run_dir/checkpoints/step_{step:08d}.safetensors``. Each is written atomically with
-``bigmodel_port.atomic`` (a temporary ``.step_….tmp`` in the same directory, fsync, rename, fsync
-of the directory), so a crash at any moment leaves every earlier checkpoint intact and never a
-half-written file under a final name; only after the rename are old checkpoints pruned. Temporary
-files left by a killed writer are never taken for checkpoints and are removed by the next save
-(so one process at a time may save into a run directory). Each array carries a CRC-32 in the
-structure, so a file damaged after it was written is detected on load, not trained on.
+Files: ``run_dir/checkpoints/step_{step:08d}.safetensors``, read and written (bit for bit,
+streaming one array at a time) by ``bigmodel_port.weights``, the project's one safetensors reader
+and writer. Each is written atomically (``bigmodel_port.atomic``: a temporary ``.step_….tmp`` in
+the same directory, fsync, rename, fsync of the directory), so a crash at any moment leaves every
+earlier checkpoint intact and never a half-written file under a final name; only after the rename
+are old checkpoints pruned. Temporary files left by a killed writer are never taken for
+checkpoints and are removed by the next save (so one process at a time may save into a run
+directory). Each array carries a CRC-32 in the structure, so a file damaged after it was written
+is detected on load, not trained on.
 
 Rebuilding types on load:
 
@@ -59,13 +61,13 @@ import warnings
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
-from bigmodel_port.atomic import atomic_open
 from bigmodel_port.errors import CheckpointError
-from bigmodel_port.weights import read_safetensors_metadata
+from bigmodel_port.weights import DTYPE_TAGS, read_safetensors, read_safetensors_metadata, storable_array
+from bigmodel_port.weights import write_safetensors
 
 __all__ = [
     "AS_SAVED", "CHECKPOINT_DIR", "FORMAT_NAME", "FORMAT_VERSION", "CheckpointError",
@@ -92,15 +94,6 @@ class _AsSaved:
 
 AS_SAVED = _AsSaved()
 """Put in ``like`` where a subtree should be restored as saved, without a template."""
-
-# safetensors dtype tags of the dtypes we store (numpy names; ml_dtypes' for bf16 / fp8).
-_DTYPE_TAGS = {
-    "bool": "BOOL", "uint8": "U8", "int8": "I8", "uint16": "U16", "int16": "I16",
-    "float16": "F16", "uint32": "U32", "int32": "I32", "float32": "F32", "uint64": "U64",
-    "int64": "I64", "float64": "F64", "bfloat16": "BF16", "float8_e4m3fn": "F8_E4M3",
-    "float8_e5m2": "F8_E5M2",
-}
-_ML_DTYPES = ("bfloat16", "float8_e4m3fn", "float8_e5m2")
 
 # Classes are rebuilt by name only from these packages (our own and optax): a checkpoint is data,
 # and must not be able to make us import an arbitrary module.
@@ -199,12 +192,7 @@ def save_checkpoint(run_dir: str | os.PathLike[str], state: Mapping[str, Any], s
     path = checkpoint_path(run_dir, step)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(path.parent)
-    header = _safetensors_header(arrays, metadata)
-    with atomic_open(path, "wb") as f:
-        f.write(len(header).to_bytes(8, "little"))
-        f.write(header)
-        for a in arrays.values():
-            _write_array(f, a)
+    write_safetensors(path, arrays, metadata)
     _prune(run_dir, step, keep_last)
     return path
 
@@ -246,29 +234,6 @@ def _prune(run_dir: str | os.PathLike[str], step: int, keep_last: int | None) ->
                 pass
 
 
-def _safetensors_header(arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> bytes:
-    """The JSON header of a safetensors file holding ``arrays`` back to back, in order.
-
-    Written here instead of with ``safetensors.numpy.save`` so the arrays can be streamed to disk
-    one by one: the library builds the whole file in memory first, which doubles the host
-    memory a checkpoint of a large model needs.
-    """
-    header: dict[str, Any] = {"__metadata__": dict(metadata)}
-    offset = 0
-    for name, a in arrays.items():
-        header[name] = {"dtype": _DTYPE_TAGS[a.dtype.name], "shape": list(a.shape),
-                        "data_offsets": [offset, offset + a.nbytes]}
-        offset += a.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    return raw + b" " * (-len(raw) % 8)  # 8-byte aligned data section, as the library writes
-
-
-def _write_array(f: IO[bytes], a: np.ndarray) -> None:
-    """Append the raw little-endian bytes of the C-contiguous array ``a``."""
-    if a.size:
-        f.write(memoryview(a.reshape(-1).view(np.uint8)))
-
-
 # --------------------------------------------------------------------------------------------
 # state <-> (arrays, structure)
 
@@ -286,17 +251,6 @@ def _is_jax_array(x: Any) -> bool:
 def _is_typed_key(x: Any) -> bool:
     jax = _jax_module()
     return _is_jax_array(x) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
-
-
-def _storable(a: np.ndarray, where: str) -> np.ndarray:
-    """``a`` as a C-contiguous little-endian array of a dtype safetensors holds."""
-    if a.dtype.name not in _DTYPE_TAGS:
-        raise TypeError(f"cannot checkpoint the array at {where!r}: dtype {a.dtype} is not one "
-                        f"safetensors stores ({', '.join(_DTYPE_TAGS)})")
-    if a.dtype.byteorder == ">":
-        a = a.astype(a.dtype.newbyteorder("<"))
-    # not np.ascontiguousarray: it turns a 0-d array into shape (1,)
-    return a if a.flags.c_contiguous else a.copy(order="C")
 
 
 def _crc32(a: np.ndarray) -> int:
@@ -317,7 +271,7 @@ class _Encoder:
         return name
 
     def array(self, a: np.ndarray, path: tuple[str, ...], kind: str) -> dict[str, Any]:
-        a = _storable(a, "/".join(path))
+        a = storable_array(a, "/".join(path))  # TypeError naming the path for a dtype it cannot hold
         name = self._name(path)
         self.arrays[name] = a
         return {"t": "array", "kind": kind, "name": name, "dtype": a.dtype.name,
@@ -335,7 +289,7 @@ class _Encoder:
             return self.array(np.asarray(x), path, "jax")
         if isinstance(x, np.ndarray):
             return self.array(x, path, "numpy")
-        if isinstance(x, np.generic) and x.dtype.name in _DTYPE_TAGS:
+        if isinstance(x, np.generic) and x.dtype.name in DTYPE_TAGS:
             return self.array(np.asarray(x), path, "numpy_scalar")
         if isinstance(x, bool):
             return {"t": "bool", "v": x}
@@ -439,7 +393,7 @@ class _Decoder:
         shape = tuple(self.node_field(node, "shape", list, where))
         if name not in self.arrays:
             raise self.corrupt(f"array {name!r} (for {where!r}) is missing from the file")
-        if dtype not in _DTYPE_TAGS:
+        if dtype not in DTYPE_TAGS:
             raise self.corrupt(f"array {name!r} has unknown dtype {dtype!r}")
         a = self.arrays[name]
         if a.dtype.name != dtype or a.shape != shape:
@@ -764,50 +718,7 @@ def _read(path: Path) -> tuple[dict[str, str], Any, dict[str, np.ndarray]]:
         raise CheckpointError(f"{path}: the 'structure' metadata is not valid JSON ({e})") from None
     if not isinstance(structure, dict) or structure.get("t") != "dict":
         raise CheckpointError(f"{path}: the 'structure' metadata does not describe a dict")
-    return meta, structure, _read_arrays(path)
-
-
-def _numpy_dtype(tag: str) -> np.dtype[Any]:
-    """The (little-endian) NumPy dtype of a safetensors dtype tag."""
-    name = next((n for n, t in _DTYPE_TAGS.items() if t == tag), None)
-    if name in _ML_DTYPES:
-        import ml_dtypes  # ships with jax; needed only for files holding bf16 / fp8 arrays
-
-        return np.dtype(getattr(ml_dtypes, name))
-    if name is None:
-        raise ValueError(tag)
-    return np.dtype(name).newbyteorder("<")
-
-
-def _read_arrays(path: Path) -> dict[str, np.ndarray]:
-    """Every tensor of a checkpoint file, in its stored dtype, bit for bit.
-
-    Called after ``read_safetensors_metadata`` has validated the header (offsets inside the file,
-    spans matching dtype and shape). Read here rather than with
-    ``bigmodel_port.weights.read_safetensors`` because that widens bfloat16 / float8 to float32
-    (NumPy has no such dtypes), and float8 NaNs do not survive the trip back bit-exactly.
-    """
-    out: dict[str, np.ndarray] = {}
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-        start = 8 + n
-        for name, entry in header.items():
-            if name == "__metadata__":
-                continue
-            try:
-                dtype = _numpy_dtype(entry["dtype"])
-            except ValueError:
-                raise CheckpointError(f"{path}: tensor {name!r} has dtype {entry['dtype']}, which "
-                                      "training checkpoints never hold") from None
-            begin, end = entry["data_offsets"]
-            a = np.empty(entry["shape"], dtype)
-            f.seek(start + begin)
-            if f.readinto(a.reshape(-1).view(np.uint8)) != end - begin:
-                raise CheckpointError(f"{path}: corrupt or truncated file: tensor {name!r} is "
-                                      "cut short")
-            out[name] = a
-    return out
+    return meta, structure, read_safetensors(path, widen=False)  # bf16 / fp8 kept bit for bit
 
 
 def verify_checkpoint(path: str | os.PathLike[str]) -> None:

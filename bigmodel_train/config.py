@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bigmodel_port.atomic import atomic_write_text
 from reference_numpy.configs import BertConfig, GPTConfig, Seq2SeqConfig, ViTConfig
 
 __all__ = [
@@ -365,8 +366,6 @@ def build_config(
 
 def save_config(cfg: RunConfig, path: str | os.PathLike[str]) -> None:
     """Write ``cfg`` as JSON atomically (a run's ``config.json``)."""
-    from bigmodel_port.atomic import atomic_write_text
-
     atomic_write_text(path, json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
 
 

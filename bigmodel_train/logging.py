@@ -13,6 +13,7 @@ Nothing here imports jax; matplotlib and tensorboardX are imported lazily (a run
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import numbers
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from bigmodel_port.atomic import atomic_write_bytes, atomic_write_text
 
 __all__ = ["METRICS_FILE", "RunLogger", "read_metrics", "plot_metrics", "jsonable"]
 
@@ -78,8 +81,6 @@ class RunLogger:
             self._tb = SummaryWriter(logdir=str(self.run_dir / TENSORBOARD_DIR), **kw)
 
     def _truncate_after(self, step: int) -> None:
-        from bigmodel_port.atomic import atomic_write_text
-
         kept = [r for r in read_metrics(self.run_dir) if r.get("step", 0) <= step]
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
@@ -199,10 +200,6 @@ def plot_metrics(run_dir: str | os.PathLike[str]) -> list[Path]:
 
 def _save(fig: Any, path: Path) -> Path:
     """Save a figure atomically (a reader never sees half a PNG)."""
-    import io
-
-    from bigmodel_port.atomic import atomic_write_bytes
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     atomic_write_bytes(path, buf.getvalue())

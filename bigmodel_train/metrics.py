@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from reference_numpy.losses import IGNORE_INDEX
+
 __all__ = [
     "AVERAGES",
     "BleuScore",
@@ -410,7 +412,7 @@ def top_k_accuracy(y_true: Any, scores: Any, k: int = 5, *,
 # language modelling
 
 
-def nll_sum_and_count(logits: Any, labels: Any, *, ignore_index: int = -100) -> tuple[float, int]:
+def nll_sum_and_count(logits: Any, labels: Any, *, ignore_index: int = IGNORE_INDEX) -> tuple[float, int]:
     """Summed token negative log-likelihood (nats) and the number of tokens scored.
 
     ``logits``: (..., V) unnormalised scores, e.g. (B, T, V); ``labels``: (...) token ids, e.g.
@@ -448,7 +450,7 @@ def perplexity_from_nll(nll_sum: float, num_tokens: int) -> float:
     return perplexity(float(nll_sum) / int(num_tokens))
 
 
-def perplexity_from_logits(logits: Any, labels: Any, ignore_index: int = -100) -> float:
+def perplexity_from_logits(logits: Any, labels: Any, ignore_index: int = IGNORE_INDEX) -> float:
     """Perplexity of ``labels`` (...) under ``logits`` (..., V); see :func:`nll_sum_and_count`."""
     total, count = nll_sum_and_count(logits, labels, ignore_index=ignore_index)
     return perplexity_from_nll(total, count)

@@ -35,7 +35,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from reference_numpy.tree import Tree, tree_leaves_with_path, tree_map
+from reference_numpy import optim as ref_optim
+from reference_numpy import schedules as ref_schedules
+from reference_numpy.speed import allocator
+from reference_numpy.tree import Tree, tree_flatten, tree_leaves_with_path, tree_map, tree_unflatten
 
 __all__ = [
     "StepOutput", "NonFiniteError", "make_schedule_args", "leaf_paths", "first_nonfinite",
@@ -138,54 +141,27 @@ def split_micro_batches(batch: dict[str, Any], k: int) -> list[dict[str, Any]]:
 # --- optimizer state <-> a flat tree of arrays (for checkpoints) -----------------------------
 
 
-def flatten_state(state: Any, prefix: str = "") -> dict[str, Any]:
+def flatten_state(state: Any) -> dict[str, Any]:
     """An optimizer state (nested tuples / NamedTuples / dicts of arrays and ints: optax's and
     the reference's alike) -> ``{"0/mu/embed/embedding": array, ...}`` of NumPy arrays."""
-    out: dict[str, Any] = {}
-    if isinstance(state, dict):
-        items = [(str(k), state[k]) for k in sorted(state)]
-    elif isinstance(state, tuple) and hasattr(state, "_fields"):
-        items = [(name, getattr(state, name)) for name in state._fields]
-    elif isinstance(state, (tuple, list)):
-        items = [(str(i), v) for i, v in enumerate(state)]
-    elif state is None:
-        return out
-    else:
-        out[prefix or "value"] = np.asarray(state)
-        return out
-    for k, v in items:
-        out.update(flatten_state(v, f"{prefix}/{k}" if prefix else k))
-    return out
+    return {path: np.asarray(leaf) for path, leaf in tree_flatten(state, sequences=True).items()}
 
 
 def unflatten_state(flat: dict[str, Any], template: Any, convert: Callable[[Any, Any], Any]) -> Any:
     """Inverse of ``flatten_state`` onto ``template``'s structure; ``convert(saved, like)``
     turns each saved array into the template leaf's type. Missing or extra entries raise."""
-    used: set[str] = set()
-
-    def build(node: Any, prefix: str) -> Any:
-        if isinstance(node, dict):
-            return {k: build(node[k], f"{prefix}/{k}" if prefix else str(k)) for k in node}
-        if isinstance(node, tuple) and hasattr(node, "_fields"):
-            return type(node)(*(build(getattr(node, n), f"{prefix}/{n}" if prefix else n) for n in node._fields))
-        if isinstance(node, (tuple, list)):
-            return type(node)(build(v, f"{prefix}/{i}" if prefix else str(i)) for i, v in enumerate(node))
-        if node is None:
-            return None
-        key = prefix or "value"
+    values: dict[str, Any] = {}
+    for key, like in tree_flatten(template, sequences=True).items():
         if key not in flat:
             raise KeyError(f"optimizer state in the checkpoint has no entry {key!r} (different optimizer?)")
-        used.add(key)
         saved = np.asarray(flat[key])
-        if np.shape(saved) != np.shape(node):
-            raise ValueError(f"optimizer state {key!r}: checkpoint shape {np.shape(saved)} != {np.shape(node)}")
-        return convert(saved, node)
-
-    out = build(template, "")
-    extra = sorted(set(flat) - used)
+        if np.shape(saved) != np.shape(like):
+            raise ValueError(f"optimizer state {key!r}: checkpoint shape {np.shape(saved)} != {np.shape(like)}")
+        values[key] = convert(saved, like)
+    extra = sorted(set(flat) - set(values))
     if extra:
         raise KeyError(f"checkpoint optimizer state has entries this optimizer lacks: {extra[:5]}")
-    return out
+    return tree_unflatten(values, like=template)
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,11 +175,8 @@ class ReferenceStepper:
     def __init__(self, loss_and_grad: Callable[..., tuple[Any, Tree]], cfg: Any, params: Tree) -> None:
         """``loss_and_grad(params, batch, masks=None) -> (loss, grads)`` (the task's reference
         function); ``params`` a NumPy tree (copied)."""
-        from reference_numpy import optim as ref_optim
-        from reference_numpy import schedules as ref_schedules
-        from reference_numpy.allocator import keep_freed_memory
-
-        keep_freed_memory()  # reuse freed activation memory across steps (reference_numpy.allocator)
+        if allocator.requested():  # opt-in, process-wide: BIGMODEL_NUMPY_KEEP_FREED_MEMORY=1
+            allocator.keep_freed_memory()  # reuse freed activation memory across steps
         kind, kw = make_schedule_args(cfg)
         self.schedule = ref_schedules.make_schedule(kind, **kw)
         self.optimizer = ref_optim.make_optimizer(cfg.optimizer, self.schedule, **optimizer_args(cfg))
@@ -216,8 +189,6 @@ class ReferenceStepper:
              masks: Sequence[Tree | None] | None = None) -> StepOutput:
         """One update on ``micro_batches`` (optionally with explicit dropout masks, one tree per
         micro-batch); the state advances only when everything is finite."""
-        from reference_numpy import optim as ref_optim
-
         k = len(micro_batches)
         masks = list(masks) if masks is not None else [None] * k
         gsum, lsum = None, 0.0
@@ -262,7 +233,8 @@ class ReferenceStepper:
 
 
 # --------------------------------------------------------------------------------------------
-# the JAX step
+# the JAX step: jax, optax and bigmodel_jax are imported inside it, so the NumPy backend never
+# loads jax (bigmodel_jax sits below this package: these imports dodge no cycle)
 
 
 class _JaxOut(NamedTuple):
@@ -297,8 +269,6 @@ class JaxStepper:
         import jax.numpy as jnp
 
         from bigmodel_jax.tree import to_jax
-        from reference_numpy import schedules as ref_schedules
-
         kind, kw = make_schedule_args(cfg)
         self.schedule = ref_schedules.make_schedule(kind, **kw)  # host-side floats
         opt_kw = optimizer_args(cfg)

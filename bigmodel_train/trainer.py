@@ -32,7 +32,10 @@ from typing import Any
 
 import numpy as np
 
+from bigmodel_port.atomic import atomic_write_text
+from bigmodel_train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from bigmodel_train.config import RunConfig, load_run_config, save_config
+from bigmodel_train.data.packing import epoch_permutation
 from bigmodel_train.logging import RunLogger, jsonable, plot_metrics
 from bigmodel_train.steps import (
     JaxStepper,
@@ -42,6 +45,7 @@ from bigmodel_train.steps import (
     split_micro_batches,
 )
 from bigmodel_train.tasks import Task, build_task
+from reference_numpy.tolerances import TRAJECTORY_PARITY, normwise_error, tolerance_for
 from reference_numpy.tree import Tree, tree_leaves_with_path
 
 __all__ = ["TrainResult", "VerifyError", "BatchOrder", "train", "compare_params", "evaluate_run",
@@ -99,8 +103,6 @@ class BatchOrder:
                 "batch_size": self.batch_size, "seed": self.seed}
 
     def indices(self, t: int) -> np.ndarray:
-        from bigmodel_train.data.packing import epoch_permutation
-
         epoch, j = divmod(t, self.per_epoch)
         if self._perm is None or self._perm[0] != epoch:
             self._perm = (epoch, epoch_permutation(self.n, self.seed, epoch))
@@ -111,8 +113,6 @@ def compare_params(jax_params: Tree, ref_params: Tree, loss_jax: float, loss_ref
                    dtype: str) -> None:
     """Raise ``VerifyError`` at the first tensor (loss, then parameter leaves in sorted-path
     order) whose normwise error exceeds ``TRAJECTORY_PARITY[dtype]``."""
-    from reference_numpy.tolerances import TRAJECTORY_PARITY, normwise_error, tolerance_for
-
     tol = tolerance_for(TRAJECTORY_PARITY, dtype)
     a, r = np.asarray([loss_jax]), np.asarray([loss_ref])
     max_abs, rel = normwise_error(a, r)
@@ -160,8 +160,6 @@ def _checkpoint_state(stepper: Any, cfg: RunConfig, task: Task, order: BatchOrde
 
 
 def _save(run_dir: Path, state: dict[str, Any], step: int, keep_last: int) -> str:
-    from bigmodel_train.checkpoint import save_checkpoint
-
     return str(save_checkpoint(run_dir, state, step, keep_last))
 
 
@@ -187,8 +185,6 @@ def train(
     start = 0
     state = None
     if resume:
-        from bigmodel_train.checkpoint import latest_checkpoint, load_checkpoint
-
         saved_cfg = load_run_config(run_dir)
         _check_resume_config(saved_cfg, cfg)
         ckpt = latest_checkpoint(run_dir, valid_only=True)
@@ -344,8 +340,6 @@ def _with_ref(state: dict[str, Any], verifier: ReferenceStepper | None) -> dict[
 
 def _latest(run_dir: Path) -> str | None:
     try:
-        from bigmodel_train.checkpoint import latest_checkpoint
-
         p = latest_checkpoint(run_dir)
         return None if p is None else str(p)
     except Exception:  # noqa: BLE001 (only for a message)
@@ -389,8 +383,6 @@ def _write(pbar: Any, out: Callable[[str], None], msg: str) -> None:
 
 
 def _write_summary(result: TrainResult) -> None:
-    from bigmodel_port.atomic import atomic_write_text
-
     data = jsonable({k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(result).items()})
     data = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in data.items()}
     atomic_write_text(result.run_dir / "summary.json", json.dumps(data, indent=2) + "\n")
@@ -404,8 +396,6 @@ def load_run(run_dir: str | os.PathLike[str], checkpoint: str | os.PathLike[str]
              **overrides: Any) -> tuple[RunConfig, Task, Tree, dict[str, Any]]:
     """``(cfg, task, params, state)`` of a run directory's latest (or the given) checkpoint;
     ``overrides`` change run-config fields that do not touch the model (e.g. max_eval_examples)."""
-    from bigmodel_train.checkpoint import latest_checkpoint, load_checkpoint
-
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     if overrides:
@@ -424,7 +414,7 @@ def evaluate_run(run_dir: str | os.PathLike[str], split: str = "val", *, checkpo
     cfg, task, params, state = load_run(run_dir, checkpoint, max_eval_examples=max_examples)
     if split not in task.splits:
         raise ValueError(f"split {split!r} not in this run's data; it has {sorted(task.splits)}")
-    if backend == "jax":
+    if backend == "jax":  # imported on first use, like Task.jax_module: the NumPy backend needs no jax
         from bigmodel_jax.tree import to_jax
 
         params = to_jax(params)

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from bigmodel_port.atomic import atomic_write_text
 from bigmodel_train.config import (
     RUN_PRESETS,
     ConfigError,
@@ -47,6 +48,8 @@ from bigmodel_train.config import (
     parse_overrides,
     save_config,
 )
+from bigmodel_train.steps import NonFiniteError
+from bigmodel_train.trainer import VerifyError, train
 
 __all__ = [
     "Distribution", "TuneResult", "Trial", "parse_grid", "parse_random", "grid_trials", "random_trials",
@@ -277,8 +280,6 @@ def format_table(trials: Sequence[Trial], keys: Sequence[str], metric: str, best
 
 
 def _write_csv(path: Path, trials: Sequence[Trial], keys: Sequence[str], metric: str) -> None:
-    from bigmodel_port.atomic import atomic_write_text
-
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["trial", *keys, metric, "wall_s", "status", "run_dir"])
@@ -311,11 +312,8 @@ def tune(
     on; a bad configuration raises ``ConfigError`` before anything trains. ``trial_out`` receives
     the trainer's own messages (default: dropped, the table is the report).
     """
-    from bigmodel_train.steps import NonFiniteError
-    from bigmodel_train.trainer import VerifyError
-
     if train_fn is None:
-        from bigmodel_train.trainer import train as train_fn
+        train_fn = train
     if not trials:
         raise ConfigError("no trials to run")
     if preset is not None and preset not in RUN_PRESETS:

@@ -1,8 +1,9 @@
 """Greedy and beam decoding with a KV cache for the GPT / Llama decoder, in NumPy.
 
-The same algorithm as ``bigmodel_jax.generation`` (see there for the cache layout), written
-plainly: one forward of the prompt fills the cache, then one step per new token attends over the
-cached keys and values. Forward only: decoding needs no backward.
+The same algorithm as ``bigmodel_jax.generation``, written plainly. Every step is the model's
+own forward (``gpt.forward`` / ``seq2seq.decode_with_cache`` with ``kv_cache=``): one call on the
+prompt fills the cache, then one call per new token attends over the cached keys and values.
+Forward only: decoding needs no backward.
 
 Both decoders reproduce transformers' ``generate`` (v5) token for token:
 
@@ -24,72 +25,22 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from reference_numpy.contract import einsum
 from reference_numpy.configs import GPTConfig, Seq2SeqConfig
-from reference_numpy.layers.activations import log_softmax_forward, softmax_forward
-from reference_numpy.layers.attention import key_bias_matters
-from reference_numpy.layers.embeddings import embedding_forward, position_embedding_forward
-from reference_numpy.layers.mlp import gated_mlp_forward, mlp_forward
-from reference_numpy.layers.norms import layer_norm_forward, rms_norm_forward
-from reference_numpy.layers.rope import rope_forward
-from reference_numpy.models.common import check_token_batch, layer
-from reference_numpy.models.gpt import lm_logits
+from reference_numpy.layers.activations import log_softmax_forward
+from reference_numpy.models import gpt, seq2seq
+from reference_numpy.models.common import check_token_batch
+from reference_numpy.models.gpt import init_cache
 
 Tree = dict[str, Any]
 
 
-def init_cache(config: GPTConfig, batch: int, slots: int, dtype: Any) -> Tree:
-    """Zeroed cache ``{"k", "v"}`` of shape (L, B, S, K, E)."""
-    shape = (config.n_layers, batch, slots, config.kv_heads, config.e)
-    return {"k": np.zeros(shape, dtype), "v": np.zeros(shape, dtype)}
-
-
-def _proj(p: Tree, x: np.ndarray, spec: str, use_bias: bool = True) -> np.ndarray:
-    y = einsum(spec, x, p["kernel"])
-    return y + p["bias"] if use_bias and "bias" in p else y
-
-
 def decode_step(params: Tree, cache: Tree, ids: np.ndarray, pos: int, key_mask: np.ndarray,
                 config: GPTConfig) -> np.ndarray:
-    """Tokens ids (B, N) at slots [pos, pos + N); writes their k/v into ``cache`` in place.
-
-    Returns logits (B, N, V).
-    """
-    B, N = ids.shape
-    S = cache["k"].shape[2]
-    slots = pos + np.arange(N)
-    x, _ = embedding_forward(params["embed"], ids)
-    if config.positions == "learned":
-        x = x + position_embedding_forward(params["position"], slots)[0][None]
-    norm = layer_norm_forward if config.norm == "layer" else rms_norm_forward
-    rope_on = config.positions == "rope"
-    H, K, E = config.n_heads, config.kv_heads, config.e
-    G = H // K
-    allowed = (np.arange(S)[None, :] <= slots[:, None])[None] & key_mask[:, None, :]  # (B, N, S)
-    allowed = allowed[:, None, None]  # (B, 1, 1, N, S)
-    for i in range(config.n_layers):
-        p = layer(params["layers"], i)
-        a = p["attn"]
-        n, _ = norm(p["attn_norm"], x, eps=config.norm_eps)
-        q = _proj(a["query"], n, "BND,DHE->BNHE")
-        k = _proj(a["key"], n, "BND,DKE->BNKE", key_bias_matters(config.rope_theta if rope_on else None))
-        v = _proj(a["value"], n, "BND,DKE->BNKE")
-        if rope_on:
-            q, _ = rope_forward(q, slots, theta=config.rope_theta)
-            k, _ = rope_forward(k, slots, theta=config.rope_theta)
-        cache["k"][i, :, pos:pos + N] = k
-        cache["v"][i, :, pos:pos + N] = v
-        logits = einsum("BNKGE,BSKE->BKGNS", q.reshape(B, N, K, G, E), cache["k"][i]) / math.sqrt(E)
-        probs, _ = softmax_forward(np.where(allowed, logits, logits.dtype.type(-np.inf)), axis=-1)
-        o = einsum("BKGNS,BSKE->BNKGE", probs, cache["v"][i]).reshape(B, N, H, E)
-        y = einsum("BNHE,HED->BND", o, a["out"]["kernel"])
-        if "bias" in a["out"]:
-            y = y + a["out"]["bias"]
-        x = x + y
-        mlp_fwd = gated_mlp_forward if config.gated_mlp else mlp_forward
-        x = x + mlp_fwd(p["mlp"], norm(p["mlp_norm"], x, eps=config.norm_eps)[0], activation=config.activation)[0]
-    h, _ = norm(params["final_norm"], x, eps=config.norm_eps)
-    return lm_logits(params, h, config)
+    """Tokens ids (B, N) at slots [pos, pos + N) -> logits (B, N, V): the model's own
+    ``gpt.forward`` with ``kv_cache=cache`` (written in place); key_mask (B, S) is False on
+    padded slots."""
+    return gpt.forward(params, {"input_ids": ids, "attention_mask": key_mask}, config, kv_cache=cache,
+                       cache_pos=pos)
 
 
 def _check(config: GPTConfig, input_ids: np.ndarray, attention_mask: Any, max_new_tokens: int) -> None:
@@ -349,66 +300,12 @@ def beam_loop(step, last: np.ndarray, cache: Tree, B: int, W: int, max_new_token
 # encoder-decoder
 
 
-def seq2seq_init_cache(params: Tree, enc: np.ndarray, config: Seq2SeqConfig, slots: int) -> Tree:
-    """Self-attention cache (L, B, slots, K, E) and cross-attention K/V of ``enc`` (L, B, S, H, E)."""
-    K, E = config.n_kv_heads or config.n_heads, config.d_model // config.n_heads
-    cross = params["decoder"]["layers"]["cross_attn"]
-    ck = einsum("BSD,LDHE->LBSHE", enc, cross["key"]["kernel"])  # key bias cannot matter (no RoPE)
-    cv = einsum("BSD,LDHE->LBSHE", enc, cross["value"]["kernel"])
-    if "bias" in cross["value"]:
-        cv = cv + cross["value"]["bias"][:, None, None]
-    shape = (config.decoder_layers, enc.shape[0], slots, K, E)
-    return {"k": np.zeros(shape, enc.dtype), "v": np.zeros(shape, enc.dtype), "ck": ck, "cv": cv}
-
-
-def _attend_cached(a: Tree, q: np.ndarray, k: np.ndarray, v: np.ndarray, allowed: np.ndarray) -> np.ndarray:
-    B, N, H, E = q.shape
-    K = k.shape[2]
-    logits = einsum("BNKGE,BSKE->BKGNS", q.reshape(B, N, K, H // K, E), k) / math.sqrt(E)
-    probs, _ = softmax_forward(np.where(allowed, logits, logits.dtype.type(-np.inf)), axis=-1)
-    o = einsum("BKGNS,BSKE->BNKGE", probs, v).reshape(B, N, H, E)
-    y = einsum("BNHE,HED->BND", o, a["out"]["kernel"])
-    return y + a["out"]["bias"] if "bias" in a["out"] else y
-
-
 def seq2seq_decode_step(params: Tree, cache: Tree, ids: np.ndarray, pos: int, src_mask: np.ndarray,
                         config: Seq2SeqConfig) -> np.ndarray:
-    """Target tokens ids (B, N) at slots [pos, pos + N) -> logits (B, N, V); cache updated in place."""
-    from reference_numpy.models.seq2seq import decoder_logits, decoder_spec, embed_scale, position_codes
-
-    B, N = ids.shape
-    T = cache["k"].shape[2]
-    slots = pos + np.arange(N)
-    table = params["embed"] if config.share_embeddings else params["target_embed"]
-    y, _ = embedding_forward(table, ids)
-    y = y * y.dtype.type(embed_scale(config)) + position_codes(slots, config, y.dtype)[None]  # (B, N, D)
-    spec = decoder_spec(config)
-    self_allowed = (np.arange(T)[None, :] <= slots[:, None])[None, None, None]  # (1, 1, 1, N, T)
-    cross_allowed = src_mask[:, None, None, None, :]  # (B, 1, 1, 1, S)
-
-    def norm(p, x):
-        return layer_norm_forward(p, x, eps=spec.norm_eps)[0]
-
-    for i in range(config.decoder_layers):
-        p = layer(params["decoder"]["layers"], i)
-
-        def self_attn(n, p=p, i=i):
-            a = p["attn"]
-            cache["k"][i, :, pos:pos + N] = _proj(a["key"], n, "BND,DKE->BNKE", False)
-            cache["v"][i, :, pos:pos + N] = _proj(a["value"], n, "BND,DKE->BNKE")
-            return _attend_cached(a, _proj(a["query"], n, "BND,DHE->BNHE"), cache["k"][i], cache["v"][i], self_allowed)
-
-        def cross_attn(n, p=p, i=i):
-            a = p["cross_attn"]
-            return _attend_cached(a, _proj(a["query"], n, "BND,DHE->BNHE"), cache["ck"][i], cache["cv"][i],
-                                  cross_allowed)
-
-        for name, fn in (("attn", self_attn), ("cross", cross_attn),
-                         ("mlp", lambda n, p=p: mlp_forward(p["mlp"], n, activation=spec.activation)[0])):
-            y = y + fn(norm(p[name + "_norm"], y)) if spec.prenorm else norm(p[name + "_norm"], y + fn(y))
-    if config.prenorm:
-        y = norm(params["decoder"]["final_norm"], y)
-    return decoder_logits(params, y, config)
+    """Target tokens ids (B, N) at slots [pos, pos + N) -> logits (B, N, V): the model's own
+    ``seq2seq.decode_with_cache`` with ``kv_cache=cache`` (``seq2seq.init_cache``, written in place)."""
+    batch = {"decoder_input_ids": ids, "attention_mask": src_mask}
+    return seq2seq.decode_with_cache(params, None, batch, config, kv_cache=cache, cache_pos=pos)[0]
 
 
 def check_logits_rules(vocab_size: int, num_beams: int, suppress_tokens: Sequence[int],
@@ -461,9 +358,7 @@ def seq2seq_generate(params: Tree, batch: dict[str, Any], config: Seq2SeqConfig,
     ``suppress_tokens`` / ``forced_eos_token_id``: HF's logits rules, see ``constrain_logits``;
     Marian checkpoints use them (never pad, EOS forced at the last step). Greedy applies them to
     the logits, beam search to the log-probabilities (as HF)."""
-    from reference_numpy.models.seq2seq import check_source, encode
-
-    ids, mask = check_source(batch, config)
+    ids, mask = seq2seq.check_source(batch, config)
     if not 1 <= max_new_tokens < config.max_len:
         raise ValueError(f"max_new_tokens must be in [1, {config.max_len - 1}] (max_len={config.max_len}), "
                          f"got {max_new_tokens}")
@@ -472,9 +367,9 @@ def seq2seq_generate(params: Tree, batch: dict[str, Any], config: Seq2SeqConfig,
                          early_stopping=early_stopping, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
     suppress = check_logits_rules(config.vocab_size, W, suppress_tokens, forced_eos_token_id)
     mask = np.ones(ids.shape, bool) if mask is None else mask
-    enc = encode(params, batch, config)
+    enc = seq2seq.encode(params, batch, config)
     enc, mask = np.repeat(enc, W, axis=0), np.repeat(mask, W, axis=0)
-    cache = seq2seq_init_cache(params, enc, config, 1 + max_new_tokens)
+    cache = seq2seq.init_cache(params, enc, config, 1 + max_new_tokens)
     start = np.full((B * W, 1), decoder_start_token_id, ids.dtype)
     last = seq2seq_decode_step(params, cache, start, 0, mask, config)[:, -1]
 

@@ -29,6 +29,8 @@ import numpy as np
 from reference_numpy.checks import is_tracer, check_array, check_same_dtype, shape_str
 from reference_numpy.layers.activations import sigmoid
 
+IGNORE_INDEX = -100  # the label every loss skips (PyTorch's CrossEntropyLoss default, as in HF)
+
 
 def check_cross_entropy_args(logits: Any, labels: Any, ignore_index: int, label_smoothing: float) -> None:
     """Shapes, dtypes and label values (values only when known). Shared by both implementations."""
@@ -54,7 +56,7 @@ def check_cross_entropy_args(logits: Any, labels: Any, ignore_index: int, label_
 
 
 def cross_entropy_forward(
-    logits: np.ndarray, labels: np.ndarray, *, ignore_index: int = -100, label_smoothing: float = 0.0
+    logits: np.ndarray, labels: np.ndarray, *, ignore_index: int = IGNORE_INDEX, label_smoothing: float = 0.0
 ) -> tuple[np.ndarray, Any]:
     """logits: (..., V) float, labels: (...) ints -> mean loss over non-ignored labels, 0-d.
 

@@ -32,7 +32,7 @@ from typing import Any, NamedTuple, Union
 
 import numpy as np
 
-from reference_numpy.chunks import leafwise
+from reference_numpy.speed.chunks import leafwise
 from reference_numpy.schedules import Schedule, make_schedule
 from reference_numpy.tree import (
     Tree,

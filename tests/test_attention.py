@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 from bigmodel_jax.layers.attention import Attention, attention
 from bigmodel_jax.layers.rope import rope
-from bigmodel_jax.parity.cases.attention import PADDINGS, attention_case, rope_case
-from bigmodel_jax.parity.harness import compare, format_rows, gradcheck_case
+from bigmodel_apps.parity.cases.attention import PADDINGS, attention_case, rope_case
+from bigmodel_apps.parity.harness import compare, format_rows, gradcheck_case
 from bigmodel_jax.tree import to_jax, to_numpy
 from reference_numpy.layers.attention import attention_backward, attention_forward, init_attention
 from reference_numpy.layers.rope import rope_angles, rope_backward, rope_forward
@@ -73,6 +73,7 @@ def test_attention_backward_matches_finite_differences(opts, seed):
     assert report.ok, f"{opts}\n{report}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @given(opts=attention_options(), seed=st.integers(0, 2**16))
 def test_attention_reference_matches_jax(opts, seed, dtype):

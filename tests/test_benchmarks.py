@@ -31,10 +31,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
-from bigmodel_jax.bench.flops import decode_bytes_per_token, forward_flops
-from bigmodel_jax.bench.jax_side import loss_fn
-from bigmodel_jax.bench.suite import flop_check
-from bigmodel_jax.bench.workloads import (
+from bigmodel_apps.bench.flops import decode_bytes_per_token, forward_flops
+from bigmodel_apps.bench.jax_side import loss_fn
+from bigmodel_apps.bench.suite import flop_check
+from bigmodel_apps.bench.workloads import (
     Workload,
     hf_architecture,
     init_reference,
@@ -46,6 +46,8 @@ from bigmodel_jax.perf import PerfOptions, layer_loop, mlm_rows
 from reference_numpy.configs import param_count, preset
 from reference_numpy.tolerances import MODEL_PARITY, normwise_error
 from reference_numpy.tree import tree_leaves_with_path
+
+pytestmark = [pytest.mark.bench, pytest.mark.hf]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -92,6 +94,7 @@ perf_options = st.builds(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=8)
 @given(family=st.sampled_from(sorted(TINY)), perf=perf_options, mlm_capacity=st.sampled_from([None, 0.3, 1.0]))
 def test_every_layout_computes_the_reference_model(family, perf, mlm_capacity):
@@ -114,6 +117,7 @@ def test_every_layout_computes_the_reference_model(family, perf, mlm_capacity):
     _compare_trees(got_grads, want_grads, tol, f"{family} {perf.label()}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(TINY))
 def test_bf16_mixed_precision_close_to_fp32_reference(family):
     """bf16 compute with fp32 master weights: fp32 gradients come back, within bf16's tolerance."""
@@ -206,6 +210,7 @@ def test_flops_equal_torch_flop_counter(family, tmp_path):
     assert train.get_total_flops() == pytest.approx(B * (count.train - pixel_grad), rel=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "vit"])
 def test_flops_close_to_xla_cost_analysis(family):
     """XLA's own count of the unrolled step is 1-10% above the analytic matmul count (it adds
@@ -261,6 +266,7 @@ def smoke_out():
         yield Path(d)
 
 
+@pytest.mark.slow
 def test_gpu_sh_smoke_writes_every_file(smoke_out):
     names = {p.name for p in smoke_out.iterdir()}
     for stem in ("smoke-bert-tiny", "smoke-gpt2-tiny-decode"):
@@ -273,6 +279,7 @@ def test_gpu_sh_smoke_writes_every_file(smoke_out):
         assert section in md
 
 
+@pytest.mark.slow
 def test_smoke_results_are_complete_and_consistent(smoke_out):
     r = json.loads((smoke_out / "smoke-bert-tiny.json").read_text())
     assert {"meta", "workload", "peaks", "agreement", "runs", "sweep", "optimisations", "depth", "flop_check"} <= set(r)
@@ -305,6 +312,7 @@ def test_smoke_results_are_complete_and_consistent(smoke_out):
     assert {x["batch"] for x in r["sweep"]} == {1, 2}
 
 
+@pytest.mark.slow
 def test_smoke_decoding_tokens_identical(smoke_out):
     r = json.loads((smoke_out / "smoke-gpt2-tiny-decode.json").read_text())
     runs = {x["side"]: x for x in r["decode"]["runs"]}
@@ -317,18 +325,19 @@ def test_smoke_decoding_tokens_identical(smoke_out):
     assert len(targets) == 5 and all(t["value"] is not None for t in targets)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["gpt2-tiny", "llama-tiny"])
 def test_decoding_layouts_give_the_same_tokens(name):
     """``generate(perf=...)``: unrolled layers with (Out, In) weight rows, fused q/k/v, and both,
-    prepared inside the call or once beforehand (``decode_params``), decode the same tokens as
-    the default scanned layout (GQA and RoPE on for llama)."""
+    prepared inside the call or once beforehand (``decode_params``), and the default (None:
+    ``DECODE_LAYOUT``) decode the same tokens as the scanned layout (GQA and RoPE on for llama)."""
     from bigmodel_jax.generation import decode_params, generate
 
     config = preset(name)
     params = jax.tree.map(jnp.asarray, init_reference(config, seed=1))
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (2, 5))
-    want = np.asarray(generate(params, ids, config, max_new_tokens=8))
-    for perf in (PerfOptions(scan_layers=False), PerfOptions(fused_qkv=True),
+    want = np.asarray(generate(params, ids, config, max_new_tokens=8, perf=PerfOptions()))
+    for perf in (None, PerfOptions(scan_layers=False), PerfOptions(fused_qkv=True),
                  PerfOptions(scan_layers=False, fused_qkv=True)):
         np.testing.assert_array_equal(generate(params, ids, config, max_new_tokens=8, perf=perf), want)
         prepared = decode_params(params, config, perf)

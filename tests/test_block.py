@@ -5,12 +5,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bigmodel_jax.layers.block import Block, block
-from bigmodel_jax.parity.cases.block import block_case
-from bigmodel_jax.parity.harness import compare, format_rows, gradcheck_case
+from bigmodel_apps.parity.cases.block import block_case
+from bigmodel_apps.parity.harness import compare, format_rows, gradcheck_case
 from bigmodel_jax.tree import to_numpy
 from reference_numpy.layers.block import BlockSpec
 from reference_numpy.tree import tree_leaves_with_path
@@ -37,6 +38,7 @@ def _fix(o: dict) -> dict:
     return o
 
 
+@pytest.mark.slow
 @settings(max_examples=max(6, settings.default.max_examples // 2))  # a JAX compile per example
 @given(o=options, dtype=st.sampled_from([np.float64, np.float32]), seed=st.integers(0, 99))
 def test_block_reference_matches_jax(o, dtype, seed):

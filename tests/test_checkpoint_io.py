@@ -42,6 +42,8 @@ from reference_numpy.configs import BertConfig, Config, GPTConfig, ViTConfig, pa
 torch = pytest.importorskip("torch")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
+pytestmark = pytest.mark.hf
+
 
 def _state_dict(seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
@@ -183,6 +185,59 @@ def test_jax_leaves_including_bf16_are_saved(tmp_path):
     loaded = load_state_dict(tmp_path)
     np.testing.assert_array_equal(loaded["x"], np.asarray(x).astype(np.float32))
     np.testing.assert_array_equal(loaded["y"], np.arange(4))
+
+
+def _every_dtype(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """One array per dtype safetensors holds, distinct random values each (so a tensor read at
+    another's offsets does not pass), plus 0-d and empty arrays; bf16 with NaN, inf and -0."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    dtypes = ["f8", "f4", "f2", "i8", "u8", "i4", "u4", "i2", "u2", "i1", "u1"]
+    out = {f"{dt}_{i}": (rng.standard_normal((3, 5)) * 100).astype(dt) for i, dt in enumerate(dtypes)}
+    special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-40, 3e38])
+    return {
+        **out,
+        "bool": rng.random(7) > 0.5,
+        "bf16": np.concatenate([rng.standard_normal(9), special]).astype(ml_dtypes.bfloat16),
+        "scalar_f4": np.array(rng.standard_normal(), np.float32),
+        "scalar_i8": np.array(-7, np.int64),
+        "empty_f4": np.zeros((0, 3), np.float32),
+        "empty_u1": np.zeros((2, 0), np.uint8),
+    }
+
+
+def _assert_same_bits(got: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
+    assert sorted(got) == sorted(expected)
+    for k, a in expected.items():
+        assert (got[k].dtype, got[k].shape) == (a.dtype, a.shape), k
+        assert got[k].tobytes() == a.tobytes(), k  # bit for bit: NaN payloads and -0.0 too
+
+
+def test_our_files_load_with_the_library(tmp_path):
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    from safetensors import safe_open
+
+    arrays = _every_dtype(np.random.default_rng(0))
+    path = write_safetensors(tmp_path / "ours.safetensors", arrays, {"format": "pt", "k": "v"})
+    _assert_same_bits(safetensors_numpy.load_file(path), arrays)
+    with safe_open(path, framework="numpy") as f:
+        assert f.metadata() == {"format": "pt", "k": "v"}
+
+
+def test_library_files_load_with_ours(tmp_path):
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+
+    arrays = _every_dtype(np.random.default_rng(1))
+    arrays["f8_e4m3"] = np.array([0.5, -1.75, 448.0, np.nan], ml_dtypes.float8_e4m3fn)
+    arrays["f8_e5m2"] = np.array([0.5, -1.75, np.inf, np.nan], ml_dtypes.float8_e5m2)
+    path = tmp_path / "library.safetensors"
+    safetensors_numpy.save_file(arrays, path, metadata={"k": "v"})
+    assert read_safetensors_metadata(path) == {"k": "v"}
+    _assert_same_bits(read_safetensors(path, widen=False), arrays)
+    # widened: bf16 / fp8 become float32 of exactly the same values, the rest is unchanged
+    narrow = ("bfloat16", "float8_e4m3fn", "float8_e5m2")
+    widened = {k: a.astype(np.float32) if a.dtype.name in narrow else a for k, a in arrays.items()}
+    _assert_same_bits(read_safetensors(path), widened)
 
 
 def test_sharding_matches_hf_layout(tmp_path):

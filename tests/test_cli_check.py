@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from bigmodel_jax.cli import main
-from bigmodel_jax.parity import harness
-from bigmodel_jax.parity.cases.basic import activation_case
-from bigmodel_jax.parity.harness import Case, CaseData
+from bigmodel_apps.cli import main
+from bigmodel_apps.parity import harness
+from bigmodel_apps.parity.cases.basic import activation_case
+from bigmodel_apps.parity.harness import Case, CaseData
 
 
 def test_check_passes_and_prints_the_table(capsys):
@@ -38,6 +38,7 @@ def test_check_rejects_unknown_case():
         main(["check", "--only", "no-such-layer"])
 
 
+@pytest.mark.slow
 def test_model_trajectories_are_in_the_report(capsys):
     assert main(["check", "--only", "vit", "--dtype", "float64", "--no-gradcheck"]) == 0
     assert "5 AdamW steps" in capsys.readouterr().out

@@ -14,6 +14,8 @@ from bigmodel_port.errors import CheckpointError
 from bigmodel_port.native import load_native, save_npz
 from reference_numpy.tree import tree_leaves_with_path
 
+pytestmark = pytest.mark.hf
+
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
@@ -87,7 +89,7 @@ def test_npz_without_config_is_refused(tmp_path):
 
 
 def test_cli_convert(hf_dir, tmp_path, capsys):
-    from bigmodel_jax.cli import main
+    from bigmodel_apps.cli import main
     d, model = hf_dir
     assert main(["convert", str(d), str(tmp_path / "m.safetensors")]) == 0
     assert "-> " in capsys.readouterr().out

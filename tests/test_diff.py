@@ -20,8 +20,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.hf
 
-from bigmodel_jax.cli import main  # noqa: E402
+from bigmodel_apps.cli import main  # noqa: E402
 from bigmodel_port.diff import (  # noqa: E402
     DIFF_TOLERANCE,
     compare,

@@ -33,10 +33,10 @@ from bigmodel_jax.models import bert as jbert
 from bigmodel_jax.models import gpt as jgpt
 from bigmodel_jax.models import seq2seq as js2s
 from bigmodel_jax.models import vit as jvit
-from bigmodel_jax.parity.cases.bert import bert_batch, bert_labels, perturb_bert_params
-from bigmodel_jax.parity.cases.seq2seq import perturb_params, seq2seq_batch
-from bigmodel_jax.parity.cases.vit import image_batch, perturb_vit_params
-from bigmodel_jax.parity.harness import CaseData, compare, format_rows, gradcheck_case
+from bigmodel_apps.parity.cases.bert import bert_batch, bert_labels, perturb_bert_params
+from bigmodel_apps.parity.cases.seq2seq import perturb_params, seq2seq_batch
+from bigmodel_apps.parity.cases.vit import image_batch, perturb_vit_params
+from bigmodel_apps.parity.harness import CaseData, compare, format_rows, gradcheck_case
 from bigmodel_jax.tree import to_jax, to_numpy
 from reference_numpy.configs import preset
 from reference_numpy.models import bert as rbert
@@ -156,6 +156,7 @@ def _np(tree: Any) -> Any:
 PARITY = ["gpt", "bert:token_classification", "seq2seq", "vit"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", PARITY)
 def test_same_masks_reference_matches_jax_logits_and_every_gradient(name):
     """Explicit masks on both sides (the NumPy draw here: the JAX draw is matched to the reference
@@ -181,6 +182,7 @@ def _flat(loss: Any, grads: dict) -> dict[str, np.ndarray]:
     return {"loss": np.asarray(loss), **{f"d/{p}": np.asarray(g) for p, g in tree_leaves_with_path(to_numpy(grads))}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FAMILIES)
 def test_loss_and_grad_with_key_matches_reference_and_is_deterministic(name):
     """JAX draws its masks inside (per-layer keys scanned with the layers); the reference gets
@@ -382,6 +384,7 @@ HF_TRAIN_REL = 1e-6
 
 
 @pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.hf
 def test_dropout_sites_match_hf_in_train_mode(name, tmp_path, monkeypatch):
     """Every ``dropout`` call with p > 0 in HF's train-mode forward takes the next of our masks
     (shape checked): equal outputs mean our sites, order and scaling are HF's."""

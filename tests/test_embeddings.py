@@ -11,13 +11,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bigmodel_jax.layers import embeddings as jemb
-from bigmodel_jax.parity.cases.embeddings import (
+from bigmodel_apps.parity.cases.embeddings import (
     embedding_attend_case,
     embedding_case,
     position_embedding_case,
     sinusoidal_positions_case,
 )
-from bigmodel_jax.parity.harness import compare, format_rows, gradcheck_case
+from bigmodel_apps.parity.harness import compare, format_rows, gradcheck_case
 from bigmodel_jax.tree import to_jax, to_numpy
 from reference_numpy.layers import embeddings as remb
 

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from bigmodel_jax.layers import activations as jact
 from bigmodel_jax.layers.linear import Linear, linear
-from bigmodel_jax.parity.cases.basic import activation_case, linear_case, softmax_case
-from bigmodel_jax.parity.harness import compare, format_rows, gradcheck_case
+from bigmodel_apps.parity.cases.basic import activation_case, linear_case, softmax_case
+from bigmodel_apps.parity.harness import compare, format_rows, gradcheck_case
 from bigmodel_jax.tree import to_jax, to_numpy
 from reference_numpy.checks import check_array, check_ids
 from reference_numpy.layers import activations as ract

@@ -32,6 +32,8 @@ from bigmodel_jax.tree import to_jax
 from bigmodel_port.hf.checkpoint import load_pretrained
 from reference_numpy import generation as rgen
 
+pytestmark = pytest.mark.hf
+
 INIT_STD = 0.3  # see the module docstring
 V, T0, N = 64, 4, 8  # vocabulary, prompt length, max_new_tokens
 SEEDS = (0, 1, 2)
@@ -101,6 +103,7 @@ def _early_eos(pre, ids: np.ndarray) -> int:
     return int(rgen.greedy(pre.params, ids, pre.config, max_new_tokens=2)[0, T0 + 1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_greedy_matches_transformers(models, kind):
     """num_beams=1: argmax, pad after EOS (``pad_token_id``, or the EOS id when None, as HF),
@@ -134,6 +137,7 @@ def _hypotheses(out: np.ndarray, eos) -> np.ndarray:
     return np.where(ended, -1, gen)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_beam_search_matches_transformers(models, kind):
     """num_beams in {2, 4} x length_penalty in {1, 0.5, 2} x early_stopping in {False, True,
@@ -142,7 +146,7 @@ def test_beam_search_matches_transformers(models, kind):
     one prompt; pad ids 0 (HF then fills with the EOS id), None and 5; two EOS ids (HF keeps
     (1 + 2) * W candidates then) for the last seed with W=2."""
     seen = dict(cropped=0, eos_returned=0, early_stopping_matters=0)
-    compiles = jgen._beam_search._cache_size()
+    compiles = jgen.beam._beam_search._cache_size()
     for seed, W in itertools.product(SEEDS, (2, 4)):
         model, pre, jp = models[kind, seed]
         ids = _prompts(seed, batch=2)
@@ -169,7 +173,7 @@ def test_beam_search_matches_transformers(models, kind):
     # the length penalty, early-stopping rule and EOS / pad ids are traced: one compilation per
     # (W, number of EOS ids) in {(2, 1), (4, 1), (2, 2)} and (batch, num_return_sequences) in
     # {(2, W), (1, 1)}
-    assert jgen._beam_search._cache_size() - compiles <= 3 * 2
+    assert jgen.beam._beam_search._cache_size() - compiles <= 3 * 2
 
 
 def test_beam_search_returns_the_best_hypothesis_first(models):
@@ -225,6 +229,7 @@ def _source(seed: int) -> dict[str, np.ndarray]:
     return {"input_ids": ids, "attention_mask": mask}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_marian_beam_search_matches_transformers(seed, tmp_path):
     """Encoder-decoder beam search (the same ``beam_loop``): lengths count the generated tokens

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from bigmodel_jax import generation as jgen
+from bigmodel_jax.models import seq2seq as js2s
 from bigmodel_jax.tree import to_jax
 from reference_numpy.configs import preset
 from reference_numpy.models import seq2seq as rs2s
@@ -57,7 +58,7 @@ def test_cached_logits_equal_full_decode():
     from bigmodel_jax.models.seq2seq import encode
 
     enc = encode(jp, batch, config)
-    cache = jgen.seq2seq_init_cache(jp, enc, config, 4)
+    cache = js2s.init_cache(jp, enc, config, 4)
     mask = jax.numpy.asarray(batch["attention_mask"]).astype(bool)
     steps = []
     for t in range(4):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from bigmodel_jax.layers.activations import activation as jax_activation
-from bigmodel_jax.parity.harness import CaseData, compare, gradcheck_case
+from bigmodel_apps.parity.harness import CaseData, compare, gradcheck_case
 from reference_numpy.gradcheck import gradcheck_layer
 from reference_numpy.layers import activations as ract
 from reference_numpy.layers.linear import init_linear, linear_backward, linear_forward

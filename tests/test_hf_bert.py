@@ -15,9 +15,12 @@ import pytest
 import torch
 import transformers
 
-import bigmodel_jax as bj
-import reference_numpy as rn
+from bigmodel_jax.tree import to_numpy
 from bigmodel_port import CheckpointError, ModelNotFoundError
+from bigmodel_port.hub import jax as bj
+from bigmodel_port.hub import numpy as rn
+
+pytestmark = pytest.mark.hf
 
 TORCH_F32_ATOL = 1e-5
 BACKENDS = [rn, bj]
@@ -97,7 +100,7 @@ def test_auto_classes_dispatch_on_config(checkpoints, pkg):
 @pytest.mark.parametrize("arch", HEADS)
 def test_export_round_trip_is_bit_exact(checkpoints, arch, tmp_path):
     d, hf_model = checkpoints[arch]
-    ours = bj.__getattr__(arch).from_pretrained(d)
+    ours = getattr(bj, arch).from_pretrained(d)
     ours.save_pretrained(tmp_path)
     back = getattr(transformers, arch).from_pretrained(tmp_path).eval()
     want, got = hf_model.state_dict(), back.state_dict()
@@ -117,7 +120,7 @@ def test_numpy_to_jax_to_disk_and_back_keeps_every_leaf(checkpoints, tmp_path):
     jx = bj.BertForMaskedLM.from_pretrained(tmp_path)
     from reference_numpy.tree import tree_leaves_with_path
     a = dict(tree_leaves_with_path(ref.params))
-    b = dict(tree_leaves_with_path(bj.to_numpy(jx.params)))
+    b = dict(tree_leaves_with_path(to_numpy(jx.params)))
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])

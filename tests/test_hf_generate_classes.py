@@ -13,8 +13,10 @@ import pytest
 import torch
 import transformers
 
-import bigmodel_jax as bj
-import reference_numpy as rn
+from bigmodel_port.hub import jax as bj
+from bigmodel_port.hub import numpy as rn
+
+pytestmark = pytest.mark.hf
 
 STD = 0.3
 N = 8
@@ -50,6 +52,7 @@ def _eos_that_occurs(model: torch.nn.Module, ids: np.ndarray) -> int:
     return int(out[0, ids.shape[1] + 1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,build", [("GPT2LMHeadModel", _gpt2), ("LlamaForCausalLM", _llama)])
 def test_causal_lm_generate_matches_transformers(arch, build, tmp_path):
     ids = np.random.default_rng(3).integers(2, 53, (3, 5))
@@ -68,6 +71,7 @@ def test_causal_lm_generate_matches_transformers(arch, build, tmp_path):
         assert type(auto).__name__ == arch
 
 
+@pytest.mark.slow
 def test_marian_generate_uses_its_config_rules(tmp_path):
     """MarianConfig forces EOS at the last step and real checkpoints ban the pad id
     (``bad_words_ids`` in generation_config.json); the pad logit is raised here so the ban

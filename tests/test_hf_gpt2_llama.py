@@ -27,6 +27,8 @@ from bigmodel_port.hf.checkpoint import Pretrained, load_pretrained, save_pretra
 from reference_numpy.models import gpt as ref_gpt
 from reference_numpy.tolerances import MODEL_PARITY, normwise_error
 
+pytestmark = pytest.mark.hf
+
 # Our float32 outputs vs torch's float32 outputs, max abs error. Both sides round every op to
 # float32 (eps 1.2e-7) in a different order; with the weights drawn below (std 0.2) the outputs
 # are O(3-5), so a few ulps of them is ~1e-6; measured <= 3.5e-6 over seeds (Llama is the

@@ -32,6 +32,8 @@ from reference_numpy.layers.embeddings import sinusoidal_positions
 from reference_numpy.models import seq2seq as rs2s
 from reference_numpy.tree import tree_leaves_with_path
 
+pytestmark = pytest.mark.hf
+
 TORCH_F32_ATOL = 1e-5
 PAD = 58  # Marian's convention: pad is also the decoder start token
 EOS = 0

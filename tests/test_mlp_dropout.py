@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 
 from bigmodel_jax.layers import dropout as jdrop
 from bigmodel_jax.layers.mlp import MLP, GatedMLP, gated_mlp, mlp
-from bigmodel_jax.parity.cases.dropout import dropout_case
-from bigmodel_jax.parity.cases.mlp import gated_mlp_case, mlp_case
-from bigmodel_jax.parity.harness import compare, format_rows, gradcheck_case
+from bigmodel_apps.parity.cases.dropout import dropout_case
+from bigmodel_apps.parity.cases.mlp import gated_mlp_case, mlp_case
+from bigmodel_apps.parity.harness import compare, format_rows, gradcheck_case
 from bigmodel_jax.tree import to_jax, to_numpy
 from reference_numpy.layers import dropout as rdrop
 from reference_numpy.layers.activations import ACTIVATIONS, sigmoid

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bigmodel_jax.models import bert as jbert
-from bigmodel_jax.parity.cases.bert import bert_batch, bert_case, bert_labels, bert_trajectory
-from bigmodel_jax.parity.harness import adamw_trajectory, compare, format_rows, gradcheck_case
+from bigmodel_apps.parity.cases.bert import bert_batch, bert_case, bert_labels, bert_trajectory
+from bigmodel_apps.parity.harness import adamw_trajectory, compare, format_rows, gradcheck_case
 from bigmodel_jax.tree import to_numpy
 from reference_numpy import configs
 from reference_numpy.configs import preset
@@ -46,6 +46,7 @@ def _mask(pattern: str, batch: int, length: int, seed: int) -> np.ndarray | None
     return mask
 
 
+@pytest.mark.slow
 @settings(max_examples=max(6, settings.default.max_examples // 2))  # each example traces a new model variant op by op (~5 s on 2 cores)
 @given(v=variants, head=st.sampled_from(HEADS), dtype=st.sampled_from([np.float64, np.float32]),
        pad=st.sampled_from(["none", "right", "left", "random"]), length=st.integers(1, 6),
@@ -69,6 +70,7 @@ def test_whole_model_backward_matches_finite_differences(head):
 # Each (head, dtype) jit-compiles its own loss_and_grad (~5 s on 2 cores), so: the MLM head in
 # both dtypes, sequence classification for its (B,) labels; token classification's loss is the
 # MLM's CE over (B, T) with -100, and question answering has its own test below.
+@pytest.mark.slow
 @pytest.mark.parametrize(("head", "dtype"), [
     ("mlm", np.float64), ("mlm", np.float32), ("sequence_classification", np.float64),
 ])

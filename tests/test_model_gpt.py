@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bigmodel_jax.models import gpt as jgpt
-from bigmodel_jax.parity.cases.models import gpt_case, gpt_trajectory
-from bigmodel_jax.parity.harness import adamw_trajectory, compare, format_rows, gradcheck_case
+from bigmodel_apps.parity.cases.models import gpt_case, gpt_trajectory
+from bigmodel_apps.parity.harness import adamw_trajectory, compare, format_rows, gradcheck_case
 
 from reference_numpy.configs import param_count, preset
 from reference_numpy.models import gpt as rgpt
@@ -36,7 +36,8 @@ def _overrides(v: dict) -> dict:
     return v
 
 
-@settings(max_examples=max(6, settings.default.max_examples // 2))  # each example compiles a new model variant (~5 s on 2 cores)
+@pytest.mark.slow
+@settings(max_examples=max(6, settings.default.max_examples // 2))  # each example compiles a new model variant
 @given(v=variants, dtype=st.sampled_from([np.float64, np.float32]), pad=st.booleans(),
        length=st.integers(1, 6), batch=st.integers(1, 2), seed=st.integers(0, 50))
 def test_reference_matches_jax_logits_and_every_gradient(v, dtype, pad, length, batch, seed):
@@ -52,6 +53,7 @@ def test_whole_model_backward_matches_finite_differences(name):
     assert report.ok, str(report)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["gpt2-tiny", "llama-tiny"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_loss_and_grad_agree_and_five_adamw_steps_stay_together(name, dtype):

@@ -12,8 +12,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from bigmodel_jax.models import seq2seq as js2s
-from bigmodel_jax.parity.cases.seq2seq import perturb_params, seq2seq_batch, seq2seq_case
-from bigmodel_jax.parity.harness import compare, format_rows, gradcheck_case
+from bigmodel_apps.parity.cases.seq2seq import perturb_params, seq2seq_batch, seq2seq_case
+from bigmodel_apps.parity.harness import compare, format_rows, gradcheck_case
 from bigmodel_jax.tree import to_jax, to_numpy
 from reference_numpy import optim as roptim
 from reference_numpy.configs import param_count, param_shapes, preset
@@ -41,6 +41,7 @@ variants = st.fixed_dictionaries({
 # Each example compiles a whole encoder-decoder forward and backward (~10 s of CPU), so this test
 # takes a third of the profile's example budget (4 under "ci", 100 under "thorough"); the
 # registry's four fixed "seq2seq" cases add post-norm, pre-norm, untied and padded runs.
+@pytest.mark.slow
 @settings(max_examples=max(4, settings.default.max_examples // 3))
 @given(v=variants, dtype=st.sampled_from([np.float64, np.float32]), pad=st.booleans(),
        decoder_pad=st.booleans(), source_len=st.integers(1, 6), target_len=st.integers(1, 5),
@@ -74,6 +75,7 @@ def _labelled_batch(rng: np.random.Generator, config, batch: int = 2, source_len
     return data
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("dtype", "overrides"), [
     (np.float64, {}),
     (np.float32, {"prenorm": True, "share_embeddings": False, "n_kv_heads": 2}),
@@ -198,6 +200,7 @@ def test_param_count_equals_built_tree():
         assert not wrong, f"leaves not in the config dtype {config.dtype}: {wrong}"
 
 
+@pytest.mark.slow
 def test_marian_options_change_the_model_and_cached_decoding_equals_the_full_forward():
     """``position_layout`` and ``final_logits_bias`` reach the logits, and the KV-cache decoding
     steps of both generation modules honour them (step-by-step logits == full forward)."""
@@ -221,13 +224,13 @@ def test_marian_options_change_the_model_and_cached_decoding_equals_the_full_for
     T = ids.shape[1]
     mask = batch["attention_mask"].astype(bool)
     enc = rs2s.encode(params, batch, config)
-    cache = rgen.seq2seq_init_cache(params, enc, config, T)
+    cache = rgen.seq2seq.init_cache(params, enc, config, T)
     ref_steps = np.concatenate([rgen.seq2seq_decode_step(params, cache, ids[:, t:t + 1], t, mask, config)
                                 for t in range(T)], axis=1)
     np.testing.assert_allclose(ref_steps, full, rtol=1e-10, atol=1e-10)
 
     jp = to_jax(params)
-    j_cache = jgen.seq2seq_init_cache(jp, js2s.encode(jp, batch, config), config, T)
+    j_cache = js2s.init_cache(jp, js2s.encode(jp, batch, config), config, T)
     j_steps = []
     for t in range(T):
         logits, j_cache = jgen.seq2seq_decode_step(jp, j_cache, ids[:, t:t + 1], t, mask, config)

@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bigmodel_jax.models import vit as jvit
-from bigmodel_jax.parity.cases.vit import vit_case
-from bigmodel_jax.parity.harness import compare, format_rows, gradcheck_case
+from bigmodel_apps.parity.cases.vit import vit_case
+from bigmodel_apps.parity.harness import compare, format_rows, gradcheck_case
 from bigmodel_jax.tree import to_jax, to_numpy
 from reference_numpy import optim as roptim
 from reference_numpy.configs import param_count, param_shapes, preset
@@ -51,6 +51,7 @@ def vit_variants(draw) -> dict:
 
 # Each example compiles the JAX forward and its transpose (seconds on 2 CPU cores), so a few
 # examples per dtype (the dtype is a parameter so that both are always run).
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @settings(max_examples=max(3, settings.default.max_examples // 4))  # a JAX compile per example
 @given(v=vit_variants(), batch=st.integers(1, 2), seed=st.integers(0, 50))

@@ -11,8 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bigmodel_jax.layers.norms import LayerNorm, RMSNorm, layer_norm, rms_norm
-from bigmodel_jax.parity.cases.norms import layer_norm_case, rms_norm_case
-from bigmodel_jax.parity.harness import compare, format_rows, gradcheck_case
+from bigmodel_apps.parity.cases.norms import layer_norm_case, rms_norm_case
+from bigmodel_apps.parity.harness import compare, format_rows, gradcheck_case
 from bigmodel_jax.tree import to_jax, to_numpy
 from reference_numpy.layers.norms import (
     init_layer_norm,

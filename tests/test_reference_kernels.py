@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reference_numpy import chunks
-from reference_numpy.contract import einsum, rows_matmul
+from reference_numpy.speed import chunks
+from reference_numpy.speed.contract import einsum, rows_matmul
 
 # every two-operand contraction in reference_numpy (grep 'einsum("')
 SPECS = [

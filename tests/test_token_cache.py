@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bigmodel_jax.cli import main
+from bigmodel_apps.cli import main
 from bigmodel_train.data.packing import pack_documents
 from bigmodel_train.data.stream import DataError
 from bigmodel_train.data.token_cache import (
@@ -121,6 +121,7 @@ def test_bad_corpus_errors_name_the_file(tmp_path):
         BlockFile(cache, "train", meta)
 
 
+@pytest.mark.slow
 def test_train_on_a_user_text_file_streams_and_resumes(tmp_path, capsys):
     """Training on a user's file: the corpus becomes ``<run>/data`` blocks; BPE is trained on the
     streamed training documents; k steps + resume (reusing the cache) + N - k steps give the

@@ -39,6 +39,8 @@ from bigmodel_port.tokenization import (  # noqa: E402
     train_bpe_tokenizer,
 )
 
+pytestmark = pytest.mark.hf
+
 LONG_TEXT = " ".join(f"word{i} café 中文 🙂 x**{i}" for i in range(120))
 TEXTS = [
     "Hello, world! This is a test.",

@@ -220,7 +220,7 @@ trees = st.recursive(
     max_leaves=12)
 
 
-@given(st.dictionaries(_names, trees, min_size=1, max_size=4))
+@given(st.dictionaries(_names.filter(lambda k: k != "step"), trees, min_size=1, max_size=4))  # "step" is the checkpoint's own
 def test_random_states_round_trip_through_a_file(state):
     with tempfile.TemporaryDirectory() as d:
         path = ck.save_checkpoint(d, state, step=5)
@@ -228,6 +228,7 @@ def test_random_states_round_trip_through_a_file(state):
         assert_identical(ck.load_checkpoint(path, like=state), state)
 
 
+@pytest.mark.hf
 def test_files_are_standard_safetensors(tmp_path):
     """Our streaming writer's files read back with the safetensors library itself."""
     import safetensors.numpy
@@ -400,13 +401,14 @@ _CHILD = textwrap.dedent("""
 
     ck.save_checkpoint(run, state(1), 1, keep_last=2)
     if mode == "hold":  # stop for good after the first array of the next save reached the file
-        write = ck._write_array
+        import bigmodel_port.weights as weights  # the safetensors writer checkpoints stream through
+        write = weights._write_array
         def write_then_hang(f, a):
             write(f, a)
             f.flush()
             (run / "midwrite").write_text("")
             time.sleep(600)
-        ck._write_array = write_then_hang
+        weights._write_array = write_then_hang
     (run / "ready").write_text("")
     step = 2
     while True:

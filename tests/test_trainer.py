@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bigmodel_jax.cli import main
+from bigmodel_apps.cli import main
 from bigmodel_train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from bigmodel_train.config import ConfigError, build_config
 from bigmodel_train.steps import JaxStepper, NonFiniteError, ReferenceStepper, split_micro_batches
@@ -54,6 +54,7 @@ def assert_trees_identical(a: dict, b: dict) -> None:
 # resume, determinism
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["jax", "numpy"])
 def test_resume_is_bit_identical(tmp_path: Path, backend: str) -> None:
     """N steps straight == k steps, stop, resume, N - k steps: parameters and optimizer state bit
@@ -301,6 +302,7 @@ FAMILIES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_train_eval_generate_end_to_end(family: str, tmp_path: Path, capsys) -> None:
     args = list(FAMILIES[family])
@@ -351,6 +353,7 @@ def test_train_refuses_to_overwrite_and_resumes_from_the_cli(tmp_path: Path, cap
     assert saved_state(Path(run))["step"] == 4
 
 
+@pytest.mark.hf
 def test_generate_from_an_hf_directory_matches_transformers(tmp_path: Path, capsys) -> None:
     """`bigmodel generate HF_DIR` (AutoModelForCausalLM + the directory's tokenizer) prints the
     same greedy continuation as transformers' own generate on the same checkpoint."""
@@ -378,7 +381,7 @@ def test_generate_from_an_hf_directory_matches_transformers(tmp_path: Path, caps
 
 def test_train_takes_overrides_before_and_after_options() -> None:
     """``bigmodel train PRESET k=v --opt X k=v``: every key=value lands in the overrides."""
-    from bigmodel_jax.cli import build_parser
+    from bigmodel_apps.cli import build_parser
 
     a = build_parser().parse_args(["train", "gpt-stdlib", "steps=3", "--run-dir", "r", "lr=1e-3",
                                    "--verify-steps", "2", "seed=4"])

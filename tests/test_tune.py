@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bigmodel_jax.cli import main
+from bigmodel_apps.cli import main
 from bigmodel_train.config import ConfigError, build_config, load_run_config
 from bigmodel_train.steps import NonFiniteError
 from bigmodel_train.trainer import TrainResult

@@ -33,14 +33,25 @@ def block(
     masks: dict[str, jax.Array] | None = None,
     intermediates: dict[str, jax.Array] | None = None,
     perf: PerfOptions | None = None,
-) -> jax.Array:
+    cache: dict[str, jax.Array] | None = None,
+    cache_pos: Any = None,
+) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
     """x: (B, T, D) [, enc: (B, S, D)] -> (B, T, D). ``perf``: layout options of the attention
     and MLP matmuls (``bigmodel_jax.perf``; default: the plain path).
 
     ``intermediates``: an optional dict filled with each sub-layer's output (the residual stream
     after it) under ``"attn"``, [``"cross"``,] ``"mlp"``, as in the reference ``block_forward``.
+
+    ``cache``: decoding; returns ``(y, new cache)``. This layer's ``{"k", "v"}`` self-attention
+    cache, written at slots [cache_pos, cache_pos + T) (``layers.attention.attention``), plus
+    ``{"ck", "cv"}``, the cross-attention's projected source, which stands in for ``enc`` (read
+    only: the returned cache holds just the new ``{"k", "v"}``).
     """
     masks = masks or {}
+    cross = enc is not None or (cache is not None and "ck" in cache)
+    new_cache: dict[str, jax.Array] = {}
+    if cache is not None and cache_pos is None:
+        raise ValueError("a cache needs cache_pos, the slot of the first new token")
     norm = layer_norm if spec.norm == "layer" else rms_norm
 
     def drop(name: str, o: jax.Array) -> jax.Array:
@@ -55,16 +66,30 @@ def block(
             intermediates[name] = out
         return out
 
-    h = sublayer("attn", x, lambda n: attention(
-        params["attn"], n, key_padding_mask=key_padding_mask, causal=spec.causal,
-        rope_theta=spec.rope_theta, rope_layout=spec.rope_layout, positions=positions,
-        dropout_mask=masks.get("attn_probs"), dropout_rate=spec.dropout_rate, perf=perf))
-    if enc is not None:
-        h = sublayer("cross", h, lambda n: attention(
-            params["cross_attn"], n, enc, key_padding_mask=enc_padding_mask,
-            dropout_mask=masks.get("cross_probs"), dropout_rate=spec.dropout_rate, perf=perf))
+    def self_attn(n: jax.Array) -> jax.Array:
+        out = attention(
+            params["attn"], n, key_padding_mask=key_padding_mask, causal=spec.causal,
+            rope_theta=spec.rope_theta, rope_layout=spec.rope_layout, positions=positions,
+            dropout_mask=masks.get("attn_probs"), dropout_rate=spec.dropout_rate, perf=perf,
+            cache=None if cache is None else {"k": cache["k"], "v": cache["v"]}, cache_pos=cache_pos)
+        if cache is None:
+            return out
+        new_cache.update(out[1])
+        return out[0]
+
+    def cross_attn(n: jax.Array) -> jax.Array:
+        if cache is None or "ck" not in cache:
+            return attention(params["cross_attn"], n, enc, key_padding_mask=enc_padding_mask,
+                             dropout_mask=masks.get("cross_probs"), dropout_rate=spec.dropout_rate, perf=perf)
+        return attention(params["cross_attn"], n, enc, key_padding_mask=enc_padding_mask, perf=perf,
+                         cache={"k": cache["ck"], "v": cache["cv"]})[0]
+
+    h = sublayer("attn", x, self_attn)
+    if cross:
+        h = sublayer("cross", h, cross_attn)
     mlp_fn = gated_mlp if spec.gated_mlp else mlp
-    return sublayer("mlp", h, lambda n: mlp_fn(params["mlp"], n, activation=spec.activation, perf=perf))
+    y = sublayer("mlp", h, lambda n: mlp_fn(params["mlp"], n, activation=spec.activation, perf=perf))
+    return y if cache is None else (y, new_cache)
 
 
 class Block(nn.Module):

@@ -94,7 +94,7 @@ def dropout_mask_tree(key: jax.Array, shapes: dict[str, Any], rate: float) -> di
     """Every mask of ``shapes`` (a nested dict of shape tuples; ``layers`` leaves lead with L),
     drawn by the rule in the module docstring: exactly the masks a model forward draws from
     ``key``, as one tree to hand to the reference (``np.asarray`` each leaf). Jit-compiled once
-    per (shapes, rate): drawn op by op, a few dozen threefry draws take seconds on a CPU."""
+    per (shapes, rate): drawn op by op, each of the few dozen threefry draws would dispatch and compile on its own."""
     _check_key(key)
     check_rate(rate)
     return _compiled_draw(json.dumps(shapes, sort_keys=True), float(rate))(key)

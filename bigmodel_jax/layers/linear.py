@@ -15,7 +15,14 @@ from reference_numpy.checks import check_array
 
 def linear(params: dict[str, Any], x: jax.Array, activation: str = "identity", *,
            perf: PerfOptions | None = None) -> jax.Array:
-    """x: (..., In) -> (..., Out). ``perf``: mixed-precision matmul (``bigmodel_jax.perf``)."""
+    """x: (..., In) -> (..., Out). ``perf``: mixed-precision matmul (``bigmodel_jax.perf``).
+
+    ``params`` holds ``kernel`` (In, Out), or ``rows`` (Out, In): the decoding layout
+    (``bigmodel_jax.generation.layout``), where at batch 1 each output is a dot product along
+    contiguous memory."""
+    if "rows" in params:
+        z = jnp.einsum("...i,oi->...o", x, params["rows"])
+        return _activation(activation)(z + params["bias"] if "bias" in params else z)
     w = params["kernel"]
     check_array("x", x, kind="float")
     if x.shape[-1] != w.shape[0]:

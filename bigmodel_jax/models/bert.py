@@ -35,7 +35,7 @@ from bigmodel_jax.layers.embeddings import attend, embed, position_embedding
 from bigmodel_jax.layers.linear import linear
 from bigmodel_jax.layers.norms import layer_norm
 from bigmodel_jax.losses import cross_entropy
-from bigmodel_jax.models.common import as_bool_mask
+from bigmodel_jax.models.common import as_bool_mask, collect_layers
 from bigmodel_jax.models.common import init as _init
 from bigmodel_jax.models.common import init_from_shapes
 from bigmodel_jax.perf import PerfOptions, cast_input, cast_params, layer_loop, loss_logits, mlm_rows, resolve
@@ -104,8 +104,9 @@ def hidden_states(
 
 
 def _encoder(params: Tree, batch: dict[str, Any], config: BertConfig, drop: MaskSource,
-             perf: PerfOptions | None = None) -> jax.Array:
-    """The embeddings and the L blocks, with dropout from ``drop`` -> (B, T, D)."""
+             perf: PerfOptions | None = None, collect: list | None = None) -> jax.Array:
+    """The embeddings and the L blocks, with dropout from ``drop`` -> (B, T, D); ``collect``: a
+    trace list for their rows."""
     ids = batch["input_ids"]
     mask = as_bool_mask(batch.get("attention_mask"))
     types = batch.get("token_type_ids")
@@ -117,13 +118,18 @@ def _encoder(params: Tree, batch: dict[str, Any], config: BertConfig, drop: Mask
          + embed(emb["token_type"], types))  # (B, T, D)
     x = cast_input(x, perf)  # fp32 tables (perf.cast_params) -> the compute dtype
     x = drop.apply("embed", layer_norm(emb["norm"], x, config.norm_eps))
+    if collect is not None:
+        collect.append(("embeddings", x))
     spec = drop.spec(block_spec(config))
 
-    def layer(h: jax.Array, xs: tuple[Tree, Any]) -> tuple[jax.Array, None]:
+    def layer(h: jax.Array, xs: tuple[Tree, Any]) -> tuple[jax.Array, Any]:
         p, m = xs  # this layer's parameters and its dropout key / masks (None in evaluation)
-        return block(p, h, spec, key_padding_mask=mask, masks=drop.layer_masks(m), perf=perf), None
+        inter: dict[str, jax.Array] | None = None if collect is None else {}
+        return block(p, h, spec, key_padding_mask=mask, masks=drop.layer_masks(m), perf=perf,
+                     intermediates=inter), inter
 
-    x, _ = layer_loop(layer, x, (params["layers"], drop.layer_inputs()), perf)  # lax.scan by default
+    x, inter = layer_loop(layer, x, (params["layers"], drop.layer_inputs()), perf)  # lax.scan by default
+    collect_layers(collect, "", inter, config.n_layers)
     return x
 
 
@@ -143,6 +149,7 @@ def _mlm_logits(params: Tree, h: jax.Array, config: BertConfig, perf: PerfOption
 def forward(
     params: Tree, batch: dict[str, Any], config: BertConfig, head: str = "mlm", *,
     dropout_key: jax.Array | None = None, masks: Tree | None = None, perf: PerfOptions | None = None,
+    collect: list | None = None,
 ) -> Any:
     """Logits of ``head``: "mlm" (B, T, V), "sequence_classification" (B, C),
     "token_classification" (B, T, C), "question_answering" (B, T, 2) (start = [..., 0],
@@ -150,12 +157,13 @@ def forward(
 
     ``dropout_key``: draw training dropout masks from it; ``masks``: explicit masks
     (``dropout_masks(..., head)``); neither = evaluation. ``perf``: layout options (module
-    docstring)."""
+    docstring). ``collect``: a list the call appends the trace rows to (``bigmodel_jax.trace``;
+    outside ``jit``): ``embeddings``, each block's, ``pooler_output`` of the heads that pool."""
     check_params(params, head, config)
     check_batch(batch, config, "base")
     params = cast_params(params, perf)
     drop = _mask_source(batch, config, head, dropout_key, masks)
-    h = _encoder(params, batch, config, drop, perf)
+    h = _encoder(params, batch, config, drop, perf, collect)
     if head == "mlm":
         return _mlm_logits(params, h, config, perf)  # (B, T, V)
     if head == "token_classification":
@@ -165,6 +173,8 @@ def forward(
     if head == "base" and not config.pooler:
         return h, None
     pooled = pooler(params, h)
+    if collect is not None:
+        collect.append(("pooler_output", pooled))
     if head == "base":
         return h, pooled
     return linear(params["classifier"], drop.apply("classifier", pooled))  # sequence_classification

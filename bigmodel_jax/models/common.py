@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from reference_numpy.configs import Config, param_shapes
-from reference_numpy.models.common import init_rule
+from reference_numpy.models.common import collect_blocks, init_rule
 from reference_numpy.tree import Tree, tree_leaves_with_path, tree_map, tree_set
 
 
@@ -57,3 +57,11 @@ def as_bool_mask(mask: Any) -> jax.Array | None:
 
 def tree_size(tree: Tree) -> int:
     return int(sum(np.size(x) for _, x in tree_leaves_with_path(tree)))
+
+
+def collect_layers(collect: list | None, prefix: str, stacked: Any, n_layers: int) -> None:
+    """Append the blocks' sub-layer outputs (``block(..., intermediates=)``, stacked on L by the
+    layer loop) to a trace list: ``{prefix}layer{i}.attention`` [, ``.cross_attention``], ``.mlp``."""
+    if collect is not None:
+        for i in range(n_layers):
+            collect_blocks(collect, prefix, i, jax.tree.map(lambda a, i=i: a[i], stacked))

@@ -21,15 +21,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from bigmodel_jax.layers.attention import init_heads_major_cache
 from bigmodel_jax.layers.block import block
 from bigmodel_jax.layers.dropout import MaskSource, dropout_mask_tree
 from bigmodel_jax.layers.embeddings import attend, embed, position_embedding
 from bigmodel_jax.layers.norms import layer_norm, rms_norm
 from bigmodel_jax.losses import cross_entropy
+from bigmodel_jax.models.common import concrete
 from bigmodel_jax.models.common import init as _init
 from bigmodel_jax.perf import PerfOptions, cast_input, cast_params, einsum, layer_loop, loss_logits
 from reference_numpy.configs import GPTConfig
-from reference_numpy.models.common import check_token_batch, require_keys
+from reference_numpy.models.common import check_token_batch, collect_blocks, require_keys
 from reference_numpy.models.gpt import block_spec, dropout_mask_shapes
 
 Tree = dict[str, Any]
@@ -46,52 +48,122 @@ def dropout_masks(config: GPTConfig, key: jax.Array, batch_size: int, length: in
     return dropout_mask_tree(key, dropout_mask_shapes(config, batch_size, length), config.dropout)
 
 
+def init_cache(config: GPTConfig, batch: int, slots: int, dtype: Any) -> Tree:
+    """A zeroed decoding cache for ``forward(..., cache=)`` with stacked layers: ``{"k", "v"}``,
+    each (L, B, S, K, E) with S = ``slots``. The unrolled decoding layout
+    (``bigmodel_jax.generation.layout``) takes ``init_layer_caches`` instead."""
+    shape = (config.n_layers, batch, slots, config.kv_heads, config.e)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def init_layer_caches(config: GPTConfig, batch: int, slots: int, dtype: Any) -> Tree:
+    """Zeroed per-layer caches for the unrolled decoding layout: ``{"k": L x (B K, S, E),
+    "v": L x (B K, E, S)}`` (``layers.attention.init_heads_major_cache``: why this layout)."""
+    caches = [init_heads_major_cache(batch, slots, config.kv_heads, config.e, dtype) for _ in range(config.n_layers)]
+    return {"k": [c["k"] for c in caches], "v": [c["v"] for c in caches]}
+
+
 def hidden_states(
     params: Tree, batch: dict[str, Any], config: GPTConfig, *, dropout_key: jax.Array | None = None,
-    masks: Tree | None = None, perf: PerfOptions | None = None,
-) -> jax.Array:
+    masks: Tree | None = None, perf: PerfOptions | None = None, cache: Tree | None = None,
+    cache_pos: Any = None, collect: list | None = None,
+) -> jax.Array | tuple[jax.Array, Tree]:
     """input_ids (B, T) [, attention_mask (B, T)] -> final-norm hidden states (B, T, D).
 
     ``dropout_key``: draw training dropout masks from it; ``masks``: explicit masks
-    (``dropout_masks``); neither = evaluation. ``perf``: layout options (module docstring)."""
+    (``dropout_masks``); neither = evaluation. ``perf``: layout options (module docstring).
+    ``cache``, ``cache_pos``, ``collect``: see ``forward``; with a cache returns ``(h, cache)``."""
     params = cast_params(params, perf)
     require_keys(batch, ["input_ids"], "gpt")
-    ids, _ = check_token_batch(batch, "input_ids", config.vocab_size, config.max_len) if _concrete(
-        batch["input_ids"]) else (batch["input_ids"], None)
+    ids = batch["input_ids"]
+    if cache is None and concrete(ids):
+        check_token_batch(batch, "input_ids", config.vocab_size, config.max_len)
+    unrolled = isinstance(params["layers"], list)  # the decoding layout's per-layer weights
+    if cache is not None:
+        if cache_pos is None:
+            raise ValueError("decoding with a cache needs cache_pos, the slot of the first new token")
+        if unrolled != isinstance(cache["k"], list):
+            raise ValueError("the cache does not match the weights' layout: the decoding layout's unrolled "
+                             "weights (PerfOptions(scan_layers=False)) take init_layer_caches' per-layer caches, "
+                             "the stacked layers take init_cache's stacked cache")
     mask = batch.get("attention_mask")
     mask = None if mask is None else jnp.asarray(mask).astype(bool)
     B, T = ids.shape
     drop = MaskSource.make(dropout_mask_shapes(config, B, T), config.dropout, dropout_key=dropout_key,
                            masks=masks)
-    positions = jnp.arange(T)
+    positions = jnp.arange(T) if cache is None else cache_pos + jnp.arange(T)  # slot indices
     x = embed(params["embed"], ids)  # (B, T, D)
     if config.positions == "learned":
         x = x + position_embedding(params["position"], positions)[None]
     x = drop.apply("embed", cast_input(x, perf))  # fp32 tables (perf.cast_params) -> compute dtype
+    if collect is not None:
+        collect.append(("embeddings", x))
     spec = drop.spec(block_spec(config))
     rope_pos = positions if config.positions == "rope" else None
 
-    def layer(h: jax.Array, xs: tuple[Tree, Any]) -> tuple[jax.Array, None]:
-        p, m = xs  # this layer's parameters and its dropout key / masks (None in evaluation)
-        return block(p, h, spec, key_padding_mask=mask, positions=rope_pos, masks=drop.layer_masks(m),
-                     perf=perf), None
+    def layer(h: jax.Array, xs: tuple[Tree, Any, Tree | None]) -> tuple[jax.Array, Any]:
+        p, m, c = xs  # this layer's parameters, dropout key / masks (None in evaluation), cache
+        inter: dict[str, jax.Array] | None = None if collect is None else {}
+        out = block(p, h, spec, key_padding_mask=mask, positions=rope_pos, masks=drop.layer_masks(m),
+                    perf=perf, intermediates=inter, cache=c, cache_pos=cache_pos)
+        h, c = out if c is not None else (out, None)
+        return h, (c, inter)
 
-    x, _ = layer_loop(layer, x, (params["layers"], drop.layer_inputs()), perf)  # lax.scan by default
+    if unrolled:  # per-layer weights read in place, each layer's cache updated in place
+        new = {"k": [], "v": []} if cache is not None else None
+        inters = []
+        for i, p in enumerate(params["layers"]):
+            c = None if cache is None else {"k": cache["k"][i], "v": cache["v"][i]}
+            x, (c, inter) = layer(x, (p, None, c))
+            inters.append(inter)
+            if c is not None:
+                new["k"].append(c["k"])
+                new["v"].append(c["v"])
+        new_cache = new
+    else:
+        x, (new_cache, stacked) = layer_loop(layer, x, (params["layers"], drop.layer_inputs(), cache), perf)
+        inters = [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(config.n_layers)]
+    if collect is not None:
+        for i, inter in enumerate(inters):
+            collect_blocks(collect, "", i, inter)
     norm = layer_norm if config.norm == "layer" else rms_norm
-    return norm(params["final_norm"], x, config.norm_eps)
+    h = norm(params["final_norm"], x, config.norm_eps)
+    if collect is not None:
+        collect.append(("final_norm", h))
+    return h if cache is None else (h, new_cache)
+
+
+def lm_logits(params: Tree, h: jax.Array, config: GPTConfig, perf: PerfOptions | None = None) -> jax.Array:
+    """The LM head: final hidden states h (B, T, D) -> logits (B, T, V), through the tied
+    embedding or ``lm_head`` (fp32 under mixed precision)."""
+    if config.tie_embeddings:
+        return attend(params["embed"], h, perf=perf)
+    return einsum("BTD,DV->BTV", h, params["lm_head"]["kernel"], perf, keep_fp32=True)
 
 
 def forward(
     params: Tree, batch: dict[str, Any], config: GPTConfig, *, dropout_key: jax.Array | None = None,
-    masks: Tree | None = None, perf: PerfOptions | None = None,
-) -> jax.Array:
+    masks: Tree | None = None, perf: PerfOptions | None = None, cache: Tree | None = None,
+    cache_pos: Any = None, collect: list | None = None,
+) -> jax.Array | tuple[jax.Array, Tree]:
     """Logits (B, T, V) of the next token at every position (dropout and ``perf``: see
-    ``hidden_states``; fp32 logits under mixed precision)."""
+    ``hidden_states``; fp32 logits under mixed precision).
+
+    ``cache`` (``init_cache``; ``init_layer_caches`` for the decoding layout's unrolled weights):
+    decode instead, returning ``(logits, new cache)``. ``input_ids`` (B, N) are the tokens at
+    slots [cache_pos, cache_pos + N) (their positions; ``cache_pos`` may be traced), their
+    keys/values go into the cache, and attention reads every earlier slot; ``attention_mask``,
+    if given, is (B, S) over all slots. A prefill at 0 then one-token steps give the logits of
+    the full forward.
+
+    ``collect``: a list the call appends the trace rows to (``bigmodel_jax.trace``; outside
+    ``jit``): ``embeddings``, each block's ``layer{i}.attention`` / ``.mlp``, ``final_norm``."""
     params = cast_params(params, perf)
-    h = hidden_states(params, batch, config, dropout_key=dropout_key, masks=masks, perf=perf)
-    if config.tie_embeddings:
-        return attend(params["embed"], h, perf=perf)
-    return einsum("BTD,DV->BTV", h, params["lm_head"]["kernel"], perf, keep_fp32=True)
+    out = hidden_states(params, batch, config, dropout_key=dropout_key, masks=masks, perf=perf, cache=cache,
+                        cache_pos=cache_pos, collect=collect)
+    if cache is None:
+        return lm_logits(params, out, config, perf)
+    return lm_logits(params, out[0], config, perf), out[1]
 
 
 def loss(
@@ -127,5 +199,3 @@ def loss_and_grad(
     return _loss_and_grad(params, batch, config, dropout_key, masks, perf)
 
 
-def _concrete(x: Any) -> bool:
-    return not isinstance(x, jax.core.Tracer)

@@ -27,12 +27,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from bigmodel_jax.layers.attention import project_keys_values
 from bigmodel_jax.layers.block import block
 from bigmodel_jax.layers.dropout import MaskSource, dropout_mask_tree
 from bigmodel_jax.layers.embeddings import attend, embed, sinusoidal_positions
 from bigmodel_jax.layers.norms import layer_norm
 from bigmodel_jax.losses import cross_entropy
-from bigmodel_jax.models.common import as_bool_mask, concrete
+from bigmodel_jax.models.common import as_bool_mask, collect_layers, concrete
 from bigmodel_jax.models.common import init as _init
 from reference_numpy.checks import check_array
 from reference_numpy.configs import Seq2SeqConfig
@@ -98,20 +99,28 @@ def encode(
     return _encode(params, batch, config, drop)
 
 
-def _encode(params: Tree, batch: dict[str, Any], config: Seq2SeqConfig, drop: MaskSource) -> jax.Array:
-    """``encode`` with its dropout masks from ``drop`` (the batch is checked by the caller)."""
+def _encode(params: Tree, batch: dict[str, Any], config: Seq2SeqConfig, drop: MaskSource,
+            collect: list | None = None) -> jax.Array:
+    """``encode`` with its dropout masks from ``drop`` (the batch is checked by the caller);
+    ``collect``: a trace list for the ``encoder.*`` rows."""
     ids = batch["input_ids"]
     mask = as_bool_mask(batch.get("attention_mask"))
     x = drop.apply("embed", _embed(params["embed"], ids, config))
+    if collect is not None:
+        collect.append(("encoder.embeddings", x))
     spec = drop.spec(encoder_spec(config))
 
-    def layer(h: jax.Array, xs: tuple[Tree, Any]) -> tuple[jax.Array, None]:
+    def layer(h: jax.Array, xs: tuple[Tree, Any]) -> tuple[jax.Array, Any]:
         p, m = xs  # this layer's parameters and its dropout key / masks (None in evaluation)
-        return block(p, h, spec, key_padding_mask=mask, masks=drop.layer_masks(m)), None
+        inter: dict[str, jax.Array] | None = None if collect is None else {}
+        return block(p, h, spec, key_padding_mask=mask, masks=drop.layer_masks(m), intermediates=inter), inter
 
-    x, _ = jax.lax.scan(layer, x, (params["encoder"]["layers"], drop.layer_inputs()))
+    x, inter = jax.lax.scan(layer, x, (params["encoder"]["layers"], drop.layer_inputs()))
+    collect_layers(collect, "encoder.", inter, config.n_layers)
     if config.prenorm:
         x = layer_norm(params["encoder"]["final_norm"], x, config.norm_eps)
+        if collect is not None:
+            collect.append(("encoder.final_norm", x))
     return x
 
 
@@ -135,25 +144,58 @@ def decode(
     return _decode(params, enc, batch, config, drop)
 
 
-def _decode(params: Tree, enc: jax.Array, batch: dict[str, Any], config: Seq2SeqConfig, drop: MaskSource) -> jax.Array:
-    """``decode`` with its dropout masks from ``drop`` (the ids are checked by the caller)."""
+def init_cache(params: Tree, enc: jax.Array, config: Seq2SeqConfig, slots: int) -> Tree:
+    """A decoding cache for ``decode_step``: the decoder self-attention's zeroed ``{"k", "v"}``
+    (L, B, slots, K, E) and the cross-attention's keys/values of the encoder output ``enc``
+    (B, S, D), projected once: ``{"ck", "cv"}`` (L, B, S, K, E)."""
+    K, E = config.n_kv_heads or config.n_heads, config.d_model // config.n_heads
+    ck, cv = jax.vmap(lambda p: project_keys_values(p, enc))(params["decoder"]["layers"]["cross_attn"])
+    zeros = jnp.zeros((config.decoder_layers, enc.shape[0], slots, K, E), enc.dtype)
+    return {"k": zeros, "v": zeros, "ck": ck, "cv": cv}
+
+
+def decode_step(params: Tree, cache: Tree, batch: dict[str, Any], cache_pos: Any,
+                config: Seq2SeqConfig) -> tuple[jax.Array, Tree]:
+    """The decoder on ``decoder_input_ids`` (B, N), the target tokens at slots
+    [cache_pos, cache_pos + N) of ``cache`` (``init_cache``; the source's ``attention_mask``
+    (B, S) in ``batch``) -> logits (B, N, V) and the updated cache. The same ``_decode`` as the
+    full forward; traceable (ids unchecked)."""
+    return _decode(params, None, batch, config, MaskSource.make({}, 0.0), cache=cache, cache_pos=cache_pos)
+
+
+def _decode(params: Tree, enc: jax.Array | None, batch: dict[str, Any], config: Seq2SeqConfig, drop: MaskSource,
+            *, cache: Tree | None = None, cache_pos: Any = None, collect: list | None = None) -> Any:
+    """``decode`` with its dropout masks from ``drop`` (the ids are checked by the caller).
+    ``cache``: decode at slots [cache_pos, ...) (``decode_step``), returning ``(logits, cache)``;
+    ``collect``: a trace list for the ``decoder.*`` rows."""
     ids = batch["decoder_input_ids"]
-    check_encoder_output(enc, batch, config, ids.shape[0])
+    if enc is not None:
+        check_encoder_output(enc, batch, config, ids.shape[0])
     src_mask = as_bool_mask(batch.get("attention_mask"))
     dec_mask = as_bool_mask(batch.get("decoder_attention_mask"))
     table = params["embed"] if config.share_embeddings else params["target_embed"]
-    y = drop.apply("embed", _embed(table, ids, config))  # (B, T, D)
+    positions = jnp.arange(ids.shape[1]) + (0 if cache is None else cache_pos)
+    y = drop.apply("embed", _embed_at(table, ids, positions, config))  # (B, T, D)
+    if collect is not None:
+        collect.append(("decoder.embeddings", y))
     spec = drop.spec(decoder_spec(config))
 
-    def layer(h: jax.Array, xs: tuple[Tree, Any]) -> tuple[jax.Array, None]:
-        p, m = xs  # this layer's parameters and its dropout key / masks (None in evaluation)
-        return block(p, h, spec, enc=enc, key_padding_mask=dec_mask, enc_padding_mask=src_mask,
-                     masks=drop.layer_masks(m)), None
+    def layer(h: jax.Array, xs: tuple[Tree, Any, Any]) -> tuple[jax.Array, Any]:
+        p, m, c = xs  # this layer's parameters, dropout key / masks (None in evaluation), cache
+        inter: dict[str, jax.Array] | None = None if collect is None else {}
+        out = block(p, h, spec, enc=enc, key_padding_mask=dec_mask, enc_padding_mask=src_mask,
+                    masks=drop.layer_masks(m), intermediates=inter, cache=c, cache_pos=cache_pos)
+        h, c = out if c is not None else (out, None)
+        return h, (c, inter)
 
-    y, _ = jax.lax.scan(layer, y, (params["decoder"]["layers"], drop.layer_inputs()))
+    y, (new_cache, inter) = jax.lax.scan(layer, y, (params["decoder"]["layers"], drop.layer_inputs(), cache))
+    collect_layers(collect, "decoder.", inter, config.decoder_layers)
     if config.prenorm:
         y = layer_norm(params["decoder"]["final_norm"], y, config.norm_eps)
-    return output_logits(params, y, config)
+        if collect is not None:
+            collect.append(("decoder.final_norm", y))
+    logits = output_logits(params, y, config)
+    return logits if cache is None else (logits, {**cache, **new_cache})
 
 
 def output_logits(params: Tree, y: jax.Array, config: Seq2SeqConfig) -> jax.Array:
@@ -185,19 +227,20 @@ def _mask_source(batch: dict[str, Any], config: Seq2SeqConfig, dropout_key: Any,
 
 def forward(
     params: Tree, batch: dict[str, Any], config: Seq2SeqConfig, *, dropout_key: jax.Array | None = None,
-    masks: Tree | None = None,
+    masks: Tree | None = None, collect: list | None = None,
 ) -> jax.Array:
     """Logits (B, T, V): position t's distribution over the token at ``labels[:, t]``.
 
     ``dropout_key``: draw training dropout masks from it (the encoder's from
     ``fold_in(key, stream("encoder"))``, the decoder's likewise); ``masks``: explicit masks
-    (``dropout_masks``); neither = evaluation."""
+    (``dropout_masks``); neither = evaluation. ``collect``: a list the call appends the trace
+    rows to (``bigmodel_jax.trace``; outside ``jit``)."""
     _check_batch(batch, config)
     check_array("input_ids", batch["input_ids"], ("B", "S"), kind="int")
     check_array("decoder_input_ids", batch["decoder_input_ids"], ("B", "T"), kind="int")
     drop = _mask_source(batch, config, dropout_key, masks)
-    enc = _encode(params, batch, config, drop.sub("encoder"))
-    return _decode(params, enc, batch, config, drop.sub("decoder"))
+    enc = _encode(params, batch, config, drop.sub("encoder"), collect)
+    return _decode(params, enc, batch, config, drop.sub("decoder"), collect=collect)
 
 
 def loss(

@@ -36,7 +36,7 @@ from bigmodel_jax.layers.linear import linear
 from bigmodel_jax.layers.norms import layer_norm
 from bigmodel_jax.losses import cross_entropy
 from bigmodel_jax.models.common import init as _init
-from bigmodel_jax.models.common import subtree_init
+from bigmodel_jax.models.common import collect_layers, subtree_init
 from bigmodel_jax.perf import PerfOptions, cast_input, cast_params, layer_loop, loss_logits, resolve
 from reference_numpy.configs import ViTConfig, param_shapes
 from reference_numpy.models.vit import block_spec, check_labels, check_params, check_pixels, dropout_mask_shapes
@@ -76,13 +76,15 @@ def dropout_masks(config: ViTConfig, key: jax.Array, batch_size: int) -> Tree:
 
 def hidden_states(
     params: Tree, batch: dict[str, Any], config: ViTConfig, *, dropout_key: jax.Array | None = None,
-    masks: Tree | None = None, perf: PerfOptions | None = None,
+    masks: Tree | None = None, perf: PerfOptions | None = None, collect: list | None = None,
 ) -> jax.Array:
     """pixel_values (B, C, H, W) -> last_hidden_state (B, N + 1, D) after the final LayerNorm;
     token 0 is the class token (HF's ``last_hidden_state``).
 
     ``dropout_key``: draw training dropout masks from it; ``masks``: explicit masks
-    (``dropout_masks``); neither = evaluation. ``perf``: layout options (module docstring)."""
+    (``dropout_masks``); neither = evaluation. ``perf``: layout options (module docstring).
+    ``collect``: a list the call appends the trace rows to (``bigmodel_jax.trace``; outside
+    ``jit``): ``embeddings``, each block's, ``final_norm``."""
     check_params(params, config)
     if resolve(perf).compute_dtype is not None:  # mixed precision: weights and pixels in the compute dtype
         params = cast_params(params, perf)
@@ -95,14 +97,21 @@ def hidden_states(
     x = jnp.concatenate([cls, tokens], axis=1)  # (B, N + 1, D)
     x = x + position_embedding(params["position"], jnp.arange(config.max_len))[None]
     x = drop.apply("embed", cast_input(x, perf))  # the fp32 position table (perf.cast_params)
+    if collect is not None:
+        collect.append(("embeddings", x))
     spec = drop.spec(block_spec(config))
 
-    def layer(h: jax.Array, xs: tuple[Tree, Any]) -> tuple[jax.Array, None]:
+    def layer(h: jax.Array, xs: tuple[Tree, Any]) -> tuple[jax.Array, Any]:
         p, m = xs  # this layer's parameters and its dropout key / masks (None in evaluation)
-        return block(p, h, spec, masks=drop.layer_masks(m), perf=perf), None
+        inter: dict[str, jax.Array] | None = None if collect is None else {}
+        return block(p, h, spec, masks=drop.layer_masks(m), perf=perf, intermediates=inter), inter
 
-    x, _ = layer_loop(layer, x, (params["layers"], drop.layer_inputs()), perf)  # lax.scan by default
-    return layer_norm(params["final_norm"], x, config.norm_eps)
+    x, inter = layer_loop(layer, x, (params["layers"], drop.layer_inputs()), perf)  # lax.scan by default
+    collect_layers(collect, "", inter, config.n_layers)
+    h = layer_norm(params["final_norm"], x, config.norm_eps)
+    if collect is not None:
+        collect.append(("final_norm", h))
+    return h
 
 
 def pooler_output(params: Tree, h: jax.Array) -> jax.Array:
@@ -114,11 +123,12 @@ def pooler_output(params: Tree, h: jax.Array) -> jax.Array:
 
 def encode(
     params: Tree, batch: dict[str, Any], config: ViTConfig, *, dropout_key: jax.Array | None = None,
-    masks: Tree | None = None,
+    masks: Tree | None = None, collect: list | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """HF ``ViTModel``'s outputs: ``(last_hidden_state (B, N + 1, D), pooler_output (B, D))``;
-    pooler_output is None when ``config.pooler`` is False (dropout: see ``hidden_states``)."""
-    h = hidden_states(params, batch, config, dropout_key=dropout_key, masks=masks)
+    pooler_output is None when ``config.pooler`` is False (dropout, ``collect``: see
+    ``hidden_states``)."""
+    h = hidden_states(params, batch, config, dropout_key=dropout_key, masks=masks, collect=collect)
     return h, (pooler_output(params, h) if config.pooler else None)
 
 
@@ -127,14 +137,14 @@ jit_encode = jax.jit(encode, static_argnames="config")
 
 def forward(
     params: Tree, batch: dict[str, Any], config: ViTConfig, *, dropout_key: jax.Array | None = None,
-    masks: Tree | None = None, perf: PerfOptions | None = None,
+    masks: Tree | None = None, perf: PerfOptions | None = None, collect: list | None = None,
 ) -> jax.Array:
     """Class logits (B, num_labels) from the class token of the last hidden state (as HF's
     ``ViTForImageClassification``: not from the pooler). Needs ``config.classifier``
     (dropout and ``perf``: see ``hidden_states``)."""
     if not config.classifier:
         raise no_classifier_error(config)
-    h = hidden_states(params, batch, config, dropout_key=dropout_key, masks=masks, perf=perf)
+    h = hidden_states(params, batch, config, dropout_key=dropout_key, masks=masks, perf=perf, collect=collect)
     return linear(cast_params(params["head"], perf), h[:, 0], perf=perf)
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from bigmodel_port.hf.common import ACTIVATIONS_TO_HF, activation_from_hf, dtype_from_hf, merge_hf
 from bigmodel_port.hf.common import num_labels_from_hf, require, unsupported
-from bigmodel_port.hf.mapping import Mapping, Rule
+from bigmodel_port.hf.mapping import Mapping, Rule, linear_rules, norm_rules
 from reference_numpy.configs import BertConfig
 
 MODEL_TYPE = "bert"
@@ -75,17 +75,6 @@ def config_to_hf(config: BertConfig, architecture: str, base: dict[str, Any] | N
     return out
 
 
-def _linear(ours: str, hf: str, bias: bool = True, kind: str = "linear") -> list[Rule]:
-    rules = [Rule(f"{ours}/kernel", f"{hf}.weight", kind)]
-    if bias:
-        rules.append(Rule(f"{ours}/bias", f"{hf}.bias", "reshape"))
-    return rules
-
-
-def _norm(ours: str, hf: str) -> list[Rule]:
-    return [Rule(f"{ours}/scale", f"{hf}.weight"), Rule(f"{ours}/bias", f"{hf}.bias")]
-
-
 def mapping(config: BertConfig, architecture: str) -> Mapping:
     """The name table of ``architecture`` for ``config``."""
     head = ARCHITECTURES[architecture]
@@ -95,22 +84,22 @@ def mapping(config: BertConfig, architecture: str) -> Mapping:
         Rule("embeddings/word/embedding", f"{p}embeddings.word_embeddings.weight"),
         Rule("embeddings/position/embedding", f"{p}embeddings.position_embeddings.weight"),
         Rule("embeddings/token_type/embedding", f"{p}embeddings.token_type_embeddings.weight"),
-        *_norm("embeddings/norm", f"{p}embeddings.LayerNorm"),
-        *_linear("layers/attn/query", f"{layer}.attention.self.query"),
-        *_linear("layers/attn/key", f"{layer}.attention.self.key"),
-        *_linear("layers/attn/value", f"{layer}.attention.self.value"),
-        *_linear("layers/attn/out", f"{layer}.attention.output.dense", kind="linear_out"),
-        *_norm("layers/attn_norm", f"{layer}.attention.output.LayerNorm"),
-        *_linear("layers/mlp/up", f"{layer}.intermediate.dense"),
-        *_linear("layers/mlp/down", f"{layer}.output.dense"),
-        *_norm("layers/mlp_norm", f"{layer}.output.LayerNorm"),
+        *norm_rules("embeddings/norm", f"{p}embeddings.LayerNorm"),
+        *linear_rules("layers/attn/query", f"{layer}.attention.self.query"),
+        *linear_rules("layers/attn/key", f"{layer}.attention.self.key"),
+        *linear_rules("layers/attn/value", f"{layer}.attention.self.value"),
+        *linear_rules("layers/attn/out", f"{layer}.attention.output.dense", kind="linear_out"),
+        *norm_rules("layers/attn_norm", f"{layer}.attention.output.LayerNorm"),
+        *linear_rules("layers/mlp/up", f"{layer}.intermediate.dense"),
+        *linear_rules("layers/mlp/down", f"{layer}.output.dense"),
+        *norm_rules("layers/mlp_norm", f"{layer}.output.LayerNorm"),
     ]
     if config.pooler:
-        rules += _linear("pooler", f"{p}pooler.dense")
+        rules += linear_rules("pooler", f"{p}pooler.dense")
     if head == "mlm":
         rules += [
-            *_linear("mlm/transform", "cls.predictions.transform.dense"),
-            *_norm("mlm/norm", "cls.predictions.transform.LayerNorm"),
+            *linear_rules("mlm/transform", "cls.predictions.transform.dense"),
+            *norm_rules("mlm/norm", "cls.predictions.transform.LayerNorm"),
             Rule("mlm/bias", "cls.predictions.bias"),
             # the decoder is the word embedding (tied) and its bias is cls.predictions.bias
             Rule("embeddings/word/embedding", "cls.predictions.decoder.weight",
@@ -118,7 +107,7 @@ def mapping(config: BertConfig, architecture: str) -> Mapping:
             Rule("mlm/bias", "cls.predictions.decoder.bias", tied_to="cls.predictions.bias"),
         ]
     elif head in ("sequence_classification", "token_classification"):
-        rules += _linear("classifier", "classifier")
+        rules += linear_rules("classifier", "classifier")
     elif head == "question_answering":
-        rules += _linear("qa", "qa_outputs")
+        rules += linear_rules("qa", "qa_outputs")
     return Mapping(rules, ignore=(r"(bert\.)?embeddings\.position_ids",), prefix="bert.")

@@ -17,7 +17,9 @@ from bigmodel_port.hf.mapping import LoadReport, export_state_dict, import_state
 from bigmodel_port.paths import local_model_dir
 from bigmodel_port.weights import load_state_dict, save_state_dict
 from reference_numpy.configs import BertConfig, Config, param_shapes as _param_shapes
+from reference_numpy.models.bert import param_shapes as _bert_param_shapes
 from reference_numpy.models.common import init_params
+from reference_numpy.tree import tree_map
 
 
 @dataclass
@@ -38,8 +40,7 @@ class Pretrained:
 def param_shapes(config: Config, task: str) -> dict[str, Any]:
     """Leaf shapes of ``config``'s tree for ``task`` (BERT adds its head's leaves)."""
     if isinstance(config, BertConfig):
-        from reference_numpy.models.bert import param_shapes as bert_shapes
-        return bert_shapes(config, task)
+        return _bert_param_shapes(config, task)
     return _param_shapes(config)
 
 
@@ -138,7 +139,7 @@ def save_pretrained(
     mod = arch_module(model_type)
     task = mod.ARCHITECTURES[architecture]
     shapes = param_shapes(config, task)
-    tree = _to_numpy(params)
+    tree = tree_map(np.asarray, params)
     state = export_state_dict(tree, mod.mapping(config, architecture), shapes)
     d = Path(path)
     d.mkdir(parents=True, exist_ok=True)
@@ -148,9 +149,3 @@ def save_pretrained(
     if generation_config is not None:
         atomic_write_text(d / "generation_config.json", json.dumps(generation_config, indent=2, sort_keys=True) + "\n")
     return d
-
-
-def _to_numpy(tree: Any) -> Any:
-    if isinstance(tree, dict):
-        return {k: _to_numpy(v) for k, v in tree.items()}
-    return np.asarray(tree)

@@ -12,7 +12,7 @@ from typing import Any
 
 from bigmodel_port.hf.common import ACTIVATIONS_TO_HF, activation_from_hf, dtype_from_hf, merge_hf
 from bigmodel_port.hf.common import require, unsupported
-from bigmodel_port.hf.mapping import Mapping, Rule
+from bigmodel_port.hf.mapping import Mapping, Rule, norm_rules
 from reference_numpy.configs import GPTConfig
 
 MODEL_TYPE = "gpt2"
@@ -90,10 +90,6 @@ def config_to_hf(config: GPTConfig, architecture: str, base: dict[str, Any] | No
     })
 
 
-def _norm(ours: str, hf: str) -> list[Rule]:
-    return [Rule(f"{ours}/scale", f"{hf}.weight"), Rule(f"{ours}/bias", f"{hf}.bias")]
-
-
 def mapping(config: GPTConfig, architecture: str) -> Mapping:
     """The name table of ``architecture`` for ``config``."""
     p = "" if ARCHITECTURES[architecture] == "base" else _PREFIX
@@ -102,19 +98,19 @@ def mapping(config: GPTConfig, architecture: str) -> Mapping:
     rules = [
         Rule("embed/embedding", f"{p}wte.weight"),
         Rule("position/embedding", f"{p}wpe.weight"),
-        *_norm("layers/attn_norm", f"{h}.ln_1"),
+        *norm_rules("layers/attn_norm", f"{h}.ln_1"),
         # c_attn: (D, 3 H E) = [query | key | value] along the output axis -> 3 x (D, H, E)
         Rule(tuple(f"{q}/kernel" for q in qkv), f"{h}.attn.c_attn.weight", "conv1d", fused_axis=1),
         Rule(tuple(f"{q}/bias" for q in qkv), f"{h}.attn.c_attn.bias", "reshape", fused_axis=0),
         # c_proj: (H E, D) -> our out kernel (H, E, D)
         Rule("layers/attn/out/kernel", f"{h}.attn.c_proj.weight", "conv1d_out"),
         Rule("layers/attn/out/bias", f"{h}.attn.c_proj.bias"),
-        *_norm("layers/mlp_norm", f"{h}.ln_2"),
+        *norm_rules("layers/mlp_norm", f"{h}.ln_2"),
         Rule("layers/mlp/up/kernel", f"{h}.mlp.c_fc.weight", "conv1d"),
         Rule("layers/mlp/up/bias", f"{h}.mlp.c_fc.bias"),
         Rule("layers/mlp/down/kernel", f"{h}.mlp.c_proj.weight", "conv1d"),
         Rule("layers/mlp/down/bias", f"{h}.mlp.c_proj.bias"),
-        *_norm("final_norm", f"{p}ln_f"),
+        *norm_rules("final_norm", f"{p}ln_f"),
     ]
     if ARCHITECTURES[architecture] == "causal_lm":
         if config.tie_embeddings:  # lm_head is the token embedding

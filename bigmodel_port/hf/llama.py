@@ -12,7 +12,7 @@ from typing import Any
 
 from bigmodel_port.hf.common import ACTIVATIONS_TO_HF, activation_from_hf, dtype_from_hf, merge_hf
 from bigmodel_port.hf.common import require, unsupported
-from bigmodel_port.hf.mapping import Mapping, Rule
+from bigmodel_port.hf.mapping import Mapping, Rule, linear_rules, norm_rules
 from reference_numpy.configs import GPTConfig
 
 MODEL_TYPE = "llama"
@@ -118,13 +118,6 @@ def config_to_hf(config: GPTConfig, architecture: str, base: dict[str, Any] | No
     return out
 
 
-def _linear(ours: str, hf: str, bias: bool, kind: str = "linear") -> list[Rule]:
-    rules = [Rule(f"{ours}/kernel", f"{hf}.weight", kind)]
-    if bias:
-        rules.append(Rule(f"{ours}/bias", f"{hf}.bias", "reshape"))
-    return rules
-
-
 def mapping(config: GPTConfig, architecture: str) -> Mapping:
     """The name table of ``architecture`` for ``config``."""
     p = "" if ARCHITECTURES[architecture] == "base" else _PREFIX
@@ -132,17 +125,17 @@ def mapping(config: GPTConfig, architecture: str) -> Mapping:
     b = config.bias
     rules = [
         Rule("embed/embedding", f"{p}embed_tokens.weight"),
-        Rule("layers/attn_norm/scale", f"{layer}.input_layernorm.weight"),
+        *norm_rules("layers/attn_norm", f"{layer}.input_layernorm", bias=False),
         # (H E, D) -> (D, H, E); (K E, D) -> (D, K, E): already in rotate_half order (see above)
-        *_linear("layers/attn/query", f"{layer}.self_attn.q_proj", b),
-        *_linear("layers/attn/key", f"{layer}.self_attn.k_proj", b),
-        *_linear("layers/attn/value", f"{layer}.self_attn.v_proj", b),
-        *_linear("layers/attn/out", f"{layer}.self_attn.o_proj", b, kind="linear_out"),  # -> (H, E, D)
-        Rule("layers/mlp_norm/scale", f"{layer}.post_attention_layernorm.weight"),
-        *_linear("layers/mlp/gate", f"{layer}.mlp.gate_proj", b),
-        *_linear("layers/mlp/up", f"{layer}.mlp.up_proj", b),
-        *_linear("layers/mlp/down", f"{layer}.mlp.down_proj", b),
-        Rule("final_norm/scale", f"{p}norm.weight"),
+        *linear_rules("layers/attn/query", f"{layer}.self_attn.q_proj", b),
+        *linear_rules("layers/attn/key", f"{layer}.self_attn.k_proj", b),
+        *linear_rules("layers/attn/value", f"{layer}.self_attn.v_proj", b),
+        *linear_rules("layers/attn/out", f"{layer}.self_attn.o_proj", b, kind="linear_out"),  # -> (H, E, D)
+        *norm_rules("layers/mlp_norm", f"{layer}.post_attention_layernorm", bias=False),
+        *linear_rules("layers/mlp/gate", f"{layer}.mlp.gate_proj", b),
+        *linear_rules("layers/mlp/up", f"{layer}.mlp.up_proj", b),
+        *linear_rules("layers/mlp/down", f"{layer}.mlp.down_proj", b),
+        *norm_rules("final_norm", f"{p}norm", bias=False),
     ]
     if ARCHITECTURES[architecture] == "causal_lm":
         if config.tie_embeddings:  # lm_head is the token embedding

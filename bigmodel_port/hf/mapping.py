@@ -21,6 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from bigmodel_port.errors import CheckpointError
+from reference_numpy.tree import tree_get, tree_unflatten
 
 Shape = tuple[int, ...]
 
@@ -89,6 +90,25 @@ class Rule:
     @property
     def per_layer(self) -> bool:
         return "{i}" in self.hf
+
+
+def linear_rules(ours: str, hf: str, bias: bool = True, kind: str = "linear") -> list[Rule]:
+    """A ``torch.nn.Linear`` ``hf`` (``.weight``, and ``.bias`` unless ``bias=False``) <-> our
+    ``ours/kernel`` (and ``ours/bias``); ``kind``: the kernel's layout ("linear" (In, *out),
+    "linear_out" (*in, Out))."""
+    rules = [Rule(f"{ours}/kernel", f"{hf}.weight", kind)]
+    if bias:
+        rules.append(Rule(f"{ours}/bias", f"{hf}.bias", "reshape"))
+    return rules
+
+
+def norm_rules(ours: str, hf: str, bias: bool = True) -> list[Rule]:
+    """A LayerNorm ``hf`` (``.weight``, ``.bias``) <-> our ``ours/scale``, ``ours/bias``; an
+    RMSNorm has no bias (``bias=False``)."""
+    rules = [Rule(f"{ours}/scale", f"{hf}.weight")]
+    if bias:
+        rules.append(Rule(f"{ours}/bias", f"{hf}.bias"))
+    return rules
 
 
 @dataclass
@@ -188,21 +208,6 @@ def _to_hf(rule: Rule, leaves: list[np.ndarray], unit: list[Shape]) -> np.ndarra
     return np.ascontiguousarray(out)
 
 
-def _set(tree: dict[str, Any], path: str, value: Any) -> None:
-    *head, last = path.split("/")
-    node = tree
-    for k in head:
-        node = node.setdefault(k, {})
-    node[last] = value
-
-
-def _get(tree: dict[str, Any], path: str) -> Any:
-    node = tree
-    for k in path.split("/"):
-        node = node[k]
-    return node
-
-
 def _align_prefix(state: dict[str, np.ndarray], wanted: set[str], prefix: str) -> dict[str, np.ndarray]:
     """Add or strip the base-model prefix so the checkpoint's names meet the model's (a bare
     ``BertModel`` checkpoint loading into ``BertForSequenceClassification``, or the reverse)."""
@@ -244,7 +249,7 @@ def import_state_dict(
     state = _align_prefix(state, wanted, mapping.prefix)
     report = LoadReport()
     used: set[str] = set()
-    tree: dict[str, Any] = {}
+    flat: dict[str, Any] = {}  # our leaf path -> array
     failed_paths: set[str] = set()
     for rule in mapping.rules:
         unit = _unit_shapes(rule, shapes)
@@ -281,7 +286,7 @@ def import_state_dict(
             continue
         for path, leaves in zip(rule.paths, per_leaf):
             value = np.stack(leaves) if rule.per_layer else leaves[0]
-            _set(tree, path, value if dtype is None else value.astype(dtype))
+            flat[path] = value if dtype is None else value.astype(dtype)
     ignore = [re.compile(p) for p in mapping.ignore]
     report.unexpected = sorted(k for k in state if k not in used and not any(p.fullmatch(k) for p in ignore))
     if not report.ok and strict:
@@ -293,10 +298,10 @@ def import_state_dict(
             raise CheckpointError("partial load needs an init function:\n" + report.describe())
         fresh = init(shapes)
         for path in sorted(failed_paths):
-            value = np.asarray(_get(fresh, path))
-            _set(tree, path, value if dtype is None else value.astype(dtype))
+            value = np.asarray(tree_get(fresh, path))
+            flat[path] = value if dtype is None else value.astype(dtype)
             report.initialised.append(path)
-    return _ordered(tree, shapes), report
+    return _ordered(tree_unflatten(flat), shapes), report
 
 
 def _ordered(tree: dict[str, Any], shapes: dict[str, Any]) -> dict[str, Any]:
@@ -312,7 +317,7 @@ def export_state_dict(tree: dict[str, Any], mapping: Mapping, shapes: dict[str, 
         if rule.tied_to is not None:
             continue
         unit = _unit_shapes(rule, shapes)
-        leaves = [np.asarray(_get(tree, p)) for p in rule.paths]
+        leaves = [np.asarray(tree_get(tree, p)) for p in rule.paths]
         for s, p, a in zip(unit, rule.paths, leaves):
             got = a.shape[1:] if rule.per_layer else a.shape
             if tuple(got) != tuple(s):

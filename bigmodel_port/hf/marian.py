@@ -38,7 +38,7 @@ from typing import Any
 
 from bigmodel_port.hf.common import ACTIVATIONS_FROM_HF, ACTIVATIONS_TO_HF, activation_from_hf, dtype_from_hf
 from bigmodel_port.hf.common import merge_hf, require, unsupported
-from bigmodel_port.hf.mapping import Mapping, Rule
+from bigmodel_port.hf.mapping import Mapping, Rule, linear_rules, norm_rules
 from reference_numpy.configs import Seq2SeqConfig
 
 MODEL_TYPE = "marian"
@@ -193,18 +193,11 @@ def generation_options(hf: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _linear(ours: str, hf: str, kind: str = "linear") -> list[Rule]:
-    return [Rule(f"{ours}/kernel", f"{hf}.weight", kind), Rule(f"{ours}/bias", f"{hf}.bias", "reshape")]
-
-
-def _norm(ours: str, hf: str) -> list[Rule]:
-    return [Rule(f"{ours}/scale", f"{hf}.weight"), Rule(f"{ours}/bias", f"{hf}.bias")]
-
-
 def _attention(ours: str, hf: str) -> list[Rule]:
     # Our key bias is kept (bit-exact round trip) although, without RoPE, softmax cancels it.
-    return [*_linear(f"{ours}/query", f"{hf}.q_proj"), *_linear(f"{ours}/key", f"{hf}.k_proj"),
-            *_linear(f"{ours}/value", f"{hf}.v_proj"), *_linear(f"{ours}/out", f"{hf}.out_proj", "linear_out")]
+    return [*linear_rules(f"{ours}/query", f"{hf}.q_proj"), *linear_rules(f"{ours}/key", f"{hf}.k_proj"),
+            *linear_rules(f"{ours}/value", f"{hf}.v_proj"),
+            *linear_rules(f"{ours}/out", f"{hf}.out_proj", kind="linear_out")]
 
 
 def mapping(config: Seq2SeqConfig, architecture: str) -> Mapping:
@@ -225,17 +218,17 @@ def mapping(config: Seq2SeqConfig, architecture: str) -> Mapping:
     rules += [
         Rule("final_logits_bias", "final_logits_bias", "reshape", hf_shape=(1, config.vocab_size)),
         *_attention("encoder/layers/attn", f"{enc}.self_attn"),
-        *_norm("encoder/layers/attn_norm", f"{enc}.self_attn_layer_norm"),
-        *_linear("encoder/layers/mlp/up", f"{enc}.fc1"),
-        *_linear("encoder/layers/mlp/down", f"{enc}.fc2"),
-        *_norm("encoder/layers/mlp_norm", f"{enc}.final_layer_norm"),
+        *norm_rules("encoder/layers/attn_norm", f"{enc}.self_attn_layer_norm"),
+        *linear_rules("encoder/layers/mlp/up", f"{enc}.fc1"),
+        *linear_rules("encoder/layers/mlp/down", f"{enc}.fc2"),
+        *norm_rules("encoder/layers/mlp_norm", f"{enc}.final_layer_norm"),
         *_attention("decoder/layers/attn", f"{dec}.self_attn"),
-        *_norm("decoder/layers/attn_norm", f"{dec}.self_attn_layer_norm"),
+        *norm_rules("decoder/layers/attn_norm", f"{dec}.self_attn_layer_norm"),
         *_attention("decoder/layers/cross_attn", f"{dec}.encoder_attn"),
-        *_norm("decoder/layers/cross_norm", f"{dec}.encoder_attn_layer_norm"),
-        *_linear("decoder/layers/mlp/up", f"{dec}.fc1"),
-        *_linear("decoder/layers/mlp/down", f"{dec}.fc2"),
-        *_norm("decoder/layers/mlp_norm", f"{dec}.final_layer_norm"),
+        *norm_rules("decoder/layers/cross_norm", f"{dec}.encoder_attn_layer_norm"),
+        *linear_rules("decoder/layers/mlp/up", f"{dec}.fc1"),
+        *linear_rules("decoder/layers/mlp/down", f"{dec}.fc2"),
+        *norm_rules("decoder/layers/mlp_norm", f"{dec}.final_layer_norm"),
     ]
     # the sinusoidal tables are derived from the config, never learned
     return Mapping(rules, ignore=(r"model\.(encoder|decoder)\.embed_positions\.weight",), prefix="model.")

@@ -20,7 +20,7 @@ from typing import Any
 
 from bigmodel_port.hf.common import ACTIVATIONS_TO_HF, activation_from_hf, dtype_from_hf, merge_hf
 from bigmodel_port.hf.common import num_labels_from_hf, require, unsupported
-from bigmodel_port.hf.mapping import Mapping, Rule
+from bigmodel_port.hf.mapping import Mapping, Rule, linear_rules, norm_rules
 from reference_numpy.configs import ViTConfig
 
 MODEL_TYPE = "vit"
@@ -129,17 +129,6 @@ def config_to_hf(config: ViTConfig, architecture: str, base: dict[str, Any] | No
     return out
 
 
-def _linear(ours: str, hf: str, bias: bool = True, kind: str = "linear") -> list[Rule]:
-    rules = [Rule(f"{ours}/kernel", f"{hf}.weight", kind)]
-    if bias:
-        rules.append(Rule(f"{ours}/bias", f"{hf}.bias", "reshape"))
-    return rules
-
-
-def _norm(ours: str, hf: str) -> list[Rule]:
-    return [Rule(f"{ours}/scale", f"{hf}.weight"), Rule(f"{ours}/bias", f"{hf}.bias")]
-
-
 def mapping(config: ViTConfig, architecture: str) -> Mapping:
     """The name table of ``architecture`` for ``config``."""
     _check_fits(config, architecture)
@@ -154,19 +143,19 @@ def mapping(config: ViTConfig, architecture: str) -> Mapping:
         Rule("patch_embed/kernel", f"{emb}.patch_embeddings.projection.weight", "conv",
              hf_shape=(d, c.n_channels, p, p)),
         Rule("patch_embed/bias", f"{emb}.patch_embeddings.projection.bias"),
-        *_norm("layers/attn_norm", f"{layer}.layernorm_before"),
-        *_linear("layers/attn/query", f"{layer}.attention.attention.query", c.qkv_bias),
-        *_linear("layers/attn/key", f"{layer}.attention.attention.key", c.qkv_bias),
-        *_linear("layers/attn/value", f"{layer}.attention.attention.value", c.qkv_bias),
-        *_linear("layers/attn/out", f"{layer}.attention.output.dense", kind="linear_out"),
-        *_norm("layers/mlp_norm", f"{layer}.layernorm_after"),
-        *_linear("layers/mlp/up", f"{layer}.intermediate.dense"),
-        *_linear("layers/mlp/down", f"{layer}.output.dense"),
-        *_norm("final_norm", f"{pre}layernorm"),
+        *norm_rules("layers/attn_norm", f"{layer}.layernorm_before"),
+        *linear_rules("layers/attn/query", f"{layer}.attention.attention.query", c.qkv_bias),
+        *linear_rules("layers/attn/key", f"{layer}.attention.attention.key", c.qkv_bias),
+        *linear_rules("layers/attn/value", f"{layer}.attention.attention.value", c.qkv_bias),
+        *linear_rules("layers/attn/out", f"{layer}.attention.output.dense", kind="linear_out"),
+        *norm_rules("layers/mlp_norm", f"{layer}.layernorm_after"),
+        *linear_rules("layers/mlp/up", f"{layer}.intermediate.dense"),
+        *linear_rules("layers/mlp/down", f"{layer}.output.dense"),
+        *norm_rules("final_norm", f"{pre}layernorm"),
     ]
     if c.pooler:
-        rules += _linear("pooler", f"{pre}pooler.dense")
+        rules += linear_rules("pooler", f"{pre}pooler.dense")
     if c.classifier:
-        rules += _linear("head", "classifier")
+        rules += linear_rules("head", "classifier")
     # ViTModel(use_mask_token=True) (the masked-image-modeling base) carries an unused mask token.
     return Mapping(rules, ignore=(r"(vit\.)?embeddings\.mask_token",), prefix=_PREFIX)

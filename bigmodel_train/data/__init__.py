@@ -25,7 +25,7 @@ from bigmodel_train.data.builtin import (
     stdlib_root,
     translation_numbers,
 )
-from bigmodel_train.data.mlm import IGNORE_INDEX, mask_tokens, special_tokens_mask
+from bigmodel_train.data.mlm import mask_tokens, special_tokens_mask
 from bigmodel_train.data.packing import (
     BlockPacker,
     PackedBlocks,
@@ -42,6 +42,7 @@ from bigmodel_train.data.packing import (
 )
 from bigmodel_train.data.stream import DataError, ImageArrays, JsonlStream, StreamPosition, TextLineStream
 from bigmodel_train.data.text import WordVocab, clean_text, tokenize_documents, train_tokenizer
+from reference_numpy.losses import IGNORE_INDEX
 
 __all__ = [
     "DOCSTRING_GROUPS", "IGNORE_INDEX", "BlockPacker", "DataError", "ImageArrays", "ImageClassificationData",

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-IGNORE_INDEX = -100  # the label the losses skip (PyTorch / our `losses.cross_entropy` convention)
+from reference_numpy.losses import IGNORE_INDEX
 
 
 def special_tokens_mask(ids: Any, special_ids: Iterable[int]) -> np.ndarray:

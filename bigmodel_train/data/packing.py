@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from bigmodel_train.data.mlm import IGNORE_INDEX
+from reference_numpy.losses import IGNORE_INDEX
 
 
 def _check_int(value: Any, name: str, low: int = 0) -> int:

@@ -26,7 +26,8 @@ if TYPE_CHECKING:  # only for annotations: importing the tokenizer module pulls 
 NORMALIZATIONS = ("NFC", "NFKC", "NFD", "NFKD")
 
 # Category Cc (C0, DEL, C1) except tab and newline, which carry layout that code and prose need;
-# lone surrogates (Cs); U+FFFD. One regex pass: a per-character Python loop is ~20x slower.
+# lone surrogates (Cs); U+FFFD. One regex pass, because a per-character Python loop is far slower
+# on corpus-sized text (benchmarks/results/README.md).
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff\ufffd]")
 _WHITESPACE_RUN = re.compile(r"\s+")
 
@@ -158,7 +159,7 @@ def train_tokenizer(
     Returns:
         The trained tokenizer.
     """
-    from bigmodel_port.tokenization import train_bpe_tokenizer
+    from bigmodel_port.tokenization import train_bpe_tokenizer  # lazy: `tokenizers` only when training one
 
     if isinstance(corpus, (list, tuple)) and corpus and all(isinstance(c, os.PathLike) for c in corpus):
         empty = [str(p) for p in corpus if Path(p).is_file() and Path(p).stat().st_size == 0]

@@ -29,20 +29,19 @@ from typing import Any
 
 import numpy as np
 
+from bigmodel_port.atomic import atomic_open, atomic_write_text
 from bigmodel_train.data.packing import BlockPacker
-from bigmodel_train.data.stream import DataError
+from bigmodel_train.data.stream import DataError, JsonlStream, TextLineStream
+from reference_numpy.losses import IGNORE_INDEX
 
 FORMAT = "bigmodel-lm-blocks-v1"
 SPLITS = ("train", "val")
-IGNORE_INDEX = -100
 
 
 def stream_documents(path: str | os.PathLike[str], max_chars: int = 0) -> Iterator[str]:
     """The documents of a ``.jsonl`` (one per record, field ``text``) or text file (paragraphs
     separated by blank lines), lazily, stopping once ``max_chars`` characters were read (0 = the
     whole file). Bad records raise ``DataError`` naming the file and line."""
-    from bigmodel_train.data.stream import JsonlStream, TextLineStream
-
     path = Path(path)
     total = 0
     if path.suffix == ".jsonl":
@@ -113,8 +112,6 @@ def build_block_cache(
     ``encode`` maps a list of documents to their token ids (no special tokens); ``block_size``
     is T (each block holds T tokens; consecutive blocks overlap by one, as ``pack_documents``
     with ``block_size - 1``). ``progress`` is called with the characters read so far."""
-    from bigmodel_port.atomic import atomic_open, atomic_write_text
-
     path, out = Path(path), Path(out_dir)
     if not path.is_file():
         raise FileNotFoundError(f"LM data file not found: {path}")

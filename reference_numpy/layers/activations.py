@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from reference_numpy.checks import check_array
-from reference_numpy.chunks import elementwise
+from reference_numpy.speed.chunks import elementwise
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
@@ -48,7 +48,7 @@ def erf(x: np.ndarray) -> np.ndarray:
     erf(x) = x T(x^2) / U(x^2); beyond, erf(x) = 1 - exp(-x^2) P(|x|) / Q(|x|) with the sign of
     x, |x| clamped at 6 (erfc(6) = 2e-17 already rounds 1 - erfc to 1). Both branches
     are evaluated on every element and one is picked (cheaper than gathering masked subsets),
-    a chunk at a time (``reference_numpy.chunks``) so that the ~30 elementwise passes stay in
+    a chunk at a time (``reference_numpy.speed.chunks``) so that the ~30 elementwise passes stay in
     cache.
     """
     x = np.asarray(x)
@@ -100,7 +100,7 @@ def gelu_backward(cache: Any, dy: np.ndarray) -> np.ndarray:
         pdf = np.exp(-0.5 * xs * xs) / math.sqrt(2.0 * math.pi)
         return gs * (cs + xs * pdf)
 
-    # chunked (``reference_numpy.chunks``): the same arithmetic as on the whole array, with its
+    # chunked (``reference_numpy.speed.chunks``): the same arithmetic as on the whole array, with its
     # temporaries in cache
     return elementwise(dgelu, *np.broadcast_arrays(x, cdf, dy))
 

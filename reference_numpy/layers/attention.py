@@ -15,7 +15,12 @@ Grouped-query attention (HF's ``repeat_kv``: query head h reads kv head h // G) 
 (B, T, K, G, E) view of q, so K/V are never copied G times. ``K == H`` is plain MHA, ``K == 1``
 is MQA.
 
-Masking (``allowed_keys``): a key padding mask and/or an end-aligned causal mask. Masked logits
+Decoding with a KV cache is the same function: ``kv_cache`` holds the keys/values of earlier
+slots (B, S, K, E); a call writes its own T keys/values at slots [cache_pos, cache_pos + T) and
+its queries attend over all S slots. Cross-attention reads a cache holding the source's
+projected keys/values (``project_keys_values``), computed once.
+
+Masking (``allowed_keys``): a key padding mask and/or a causal mask. Masked logits
 are excluded from the softmax; a query row with *no* allowed key gets all-zero weights (its
 output is just ``b_o``), not NaN, and passes zero gradient back.
 
@@ -29,7 +34,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from reference_numpy.contract import einsum
+from reference_numpy.speed.contract import einsum
 from reference_numpy.checks import check_array, check_divides, check_same_dtype
 from reference_numpy.layers.activations import softmax_backward, softmax_forward
 from reference_numpy.layers.rope import (
@@ -141,18 +146,20 @@ def check_attention_args(
 
 
 def allowed_keys(
-    dims: AttentionDims, key_padding_mask: np.ndarray | None, causal: bool
+    dims: AttentionDims, key_padding_mask: np.ndarray | None, causal: bool, offset: int | None = None
 ) -> np.ndarray | None:
     """Which keys each query may attend: (B or 1, 1, 1, T or 1, S) bool, or None for all.
 
-    Causal masks are aligned at the *end*: query t sees key s iff ``s <= t + (S - T)``, so with
-    S > T (a KV cache holding earlier tokens) the last query still sees every key.
+    Causal: query t sits at slot ``t + offset`` and sees key s iff ``s <= t + offset``. The
+    default offset ``S - T`` aligns the queries with the *last* keys (the full sequence: offset
+    0); a KV cache passes the slot of its first new token.
     """
     allowed = None
     if causal:
         t = np.arange(dims.T)[:, None]
         s = np.arange(dims.S)[None, :]
-        allowed = (s <= t + (dims.S - dims.T))[None, None, None]  # (1, 1, 1, T, S)
+        offset = dims.S - dims.T if offset is None else offset
+        allowed = (s <= t + offset)[None, None, None]  # (1, 1, 1, T, S)
     if key_padding_mask is not None:
         pad = key_padding_mask[:, None, None, None, :]  # (B, 1, 1, 1, S)
         allowed = pad if allowed is None else allowed & pad
@@ -204,6 +211,28 @@ def _project(
     return y + p["bias"] if use_bias and "bias" in p else y
 
 
+def check_kv_cache(dims: AttentionDims, kv_cache: Any, cache_pos: int | None) -> int:
+    """A decoding cache ``{"k", "v"}``, each (B, S, K, E) in the input dtype, with room for this
+    call's T tokens at ``cache_pos`` (None: a read-only cross-attention cache). Returns S."""
+    if not isinstance(kv_cache, dict) or not {"k", "v"} <= set(kv_cache):
+        raise ValueError("kv_cache must be a dict with 'k' and 'v' arrays (B, S, K, E)")
+    check_array("kv_cache['k']", kv_cache["k"], (dims.B, "S", dims.K, dims.E), kind="float")
+    S = kv_cache["k"].shape[1]
+    check_array("kv_cache['v']", kv_cache["v"], (dims.B, S, dims.K, dims.E), kind="float")
+    if cache_pos is not None and not 0 <= cache_pos <= S - dims.T:
+        raise ValueError(f"cache_pos {cache_pos} + {dims.T} new tokens does not fit the cache's {S} slots")
+    return S
+
+
+def project_keys_values(
+    params: Params, src: np.ndarray, rope_theta: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """src (B, S, D) -> keys, values (B, S, K, E) before RoPE; the key bias only where it
+    matters (``key_bias_matters``). Also what a cross-attention cache holds."""
+    k = _project(params["key"], src, "BSD,DKE->BSKE", key_bias_matters(rope_theta))
+    return k, _project(params["value"], src, "BSD,DKE->BSKE")
+
+
 def key_bias_matters(rope_theta: float | None) -> bool:
     """Whether the key bias can change the output.
 
@@ -231,6 +260,8 @@ def attention_forward(
     scale: float | None = None,
     dropout_mask: np.ndarray | None = None,
     dropout_rate: float = 0.0,
+    kv_cache: dict[str, np.ndarray] | None = None,
+    cache_pos: int | None = None,
 ) -> tuple[np.ndarray, Any]:
     """x: (B, T, D) queries, kv: (B, S, D) keys/values or None (self) -> y: (B, T, D).
 
@@ -239,30 +270,50 @@ def attention_forward(
     (B, T) ints, default ``arange(T)``). scale: logit scale, default 1/sqrt(E).
     dropout_mask: (B, H, T, S) bool, True = keep; kept weights are scaled by
     1/(1 - dropout_rate). No mask means no dropout (evaluation), whatever the rate.
+
+    kv_cache: decoding (forward only). Self-attention: ``{"k", "v"}`` (B, S, K, E); this call's
+    keys/values are written *in place* at slots [cache_pos, cache_pos + T), the queries attend
+    over all S slots (query t sits at slot cache_pos + t; positions default to those slots;
+    key_padding_mask is (B, S)). Cross-attention (``cache_pos=None``): the cache holds the
+    source's ``project_keys_values`` and ``kv`` may be None.
     """
+    cached = kv_cache is not None
     dims = check_attention_args(
-        params, x, kv, n_heads=n_heads, n_kv_heads=n_kv_heads, key_padding_mask=key_padding_mask,
+        params, x, kv, n_heads=n_heads, n_kv_heads=n_kv_heads,
+        key_padding_mask=None if cached else key_padding_mask,
         rope_theta=rope_theta, rope_layout=rope_layout, positions=positions,
-        dropout_mask=dropout_mask, dropout_rate=dropout_rate,
+        dropout_mask=None if cached else dropout_mask, dropout_rate=dropout_rate,
     )
+    if cached:
+        if dropout_mask is not None:
+            raise ValueError("dropout masks are for training; decoding with kv_cache is evaluation")
+        dims = dims._replace(S=check_kv_cache(dims, kv_cache, cache_pos))
+        if key_padding_mask is not None:
+            check_array("key_padding_mask", key_padding_mask, (dims.B, dims.S), kind="bool")
     B, T, S, D, H, K, E = dims
     G = dims.G
     src = x if kv is None else kv
     scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
 
     q = _project(params["query"], x, "BTD,DHE->BTHE")  # (B, T, H, E)
-    k = _project(params["key"], src, "BSD,DKE->BSKE", key_bias_matters(rope_theta))  # (B, S, K, E)
-    v = _project(params["value"], src, "BSD,DKE->BSKE")  # (B, S, K, E)
+    if cached and cache_pos is None:  # cross-attention: the source's keys/values, projected once
+        k, v = kv_cache["k"], kv_cache["v"]
+    else:
+        k, v = project_keys_values(params, src, rope_theta)  # (B, T or S, K, E)
     rope_caches = None
     if rope_theta is not None:
-        pos = np.arange(T) if positions is None else positions
+        pos = (np.arange(T) + (cache_pos or 0)) if positions is None else positions
         q, q_rope = rope_forward(q, pos, theta=rope_theta, layout=rope_layout)
         k, k_rope = rope_forward(k, pos, theta=rope_theta, layout=rope_layout)
         rope_caches = (q_rope, k_rope)
+    if cached and cache_pos is not None:  # write this call's slots, then read all S of them
+        kv_cache["k"][:, cache_pos:cache_pos + T] = k
+        kv_cache["v"][:, cache_pos:cache_pos + T] = v
+        k, v = kv_cache["k"], kv_cache["v"]
 
     qg = q.reshape(B, T, K, G, E)
     logits = einsum("BTKGE,BSKE->BKGTS", qg, k) * scale  # (B, K, G, T, S)
-    allowed = allowed_keys(dims, key_padding_mask, causal)
+    allowed = allowed_keys(dims, key_padding_mask, causal, cache_pos)
     if allowed is not None:
         logits = np.where(allowed, logits, logits.dtype.type(-np.inf))
     # softmax_forward gives an all -inf row zero weights (and zero gradient), not NaN.

@@ -8,6 +8,9 @@ Pre-norm (GPT-2, Llama, ViT):            Post-norm (BERT, the 2017 Transformer):
 The cross-attention line exists only for decoder blocks (``enc`` given). Dropout masks are
 explicit (``masks`` dict; keys ``attn_probs``, ``attn_out``, ``cross_probs``, ``cross_out``,
 ``mlp_out``), so the reference and JAX can be fed the same ones.
+
+The same block decodes with a KV cache (``kv_cache``, see ``attention_forward``): the full
+sequence, a cached prefill and single-token steps are one code path.
 """
 
 from __future__ import annotations
@@ -80,23 +83,38 @@ def block_forward(
     positions: np.ndarray | None = None,
     masks: dict[str, np.ndarray] | None = None,
     intermediates: dict[str, np.ndarray] | None = None,
+    kv_cache: dict[str, np.ndarray] | None = None,
+    cache_pos: int | None = None,
 ) -> tuple[np.ndarray, Any]:
     """x: (B, T, D) [, enc: (B, S, D)] -> y: (B, T, D).
+
+    ``kv_cache``: this layer's decoding cache, ``{"k", "v"}`` (B, S, K, E) of the
+    self-attention, written in place at slots [cache_pos, cache_pos + T) (``key_padding_mask``
+    then covers the S slots), plus ``{"ck", "cv"}``, the cross-attention's projected source,
+    which stands in for ``enc``. Forward only.
 
     ``intermediates``: an optional dict this call fills with each sub-layer's output, i.e. the
     residual stream after it (pre-norm: ``h + o``; post-norm: the norm of it), under ``"attn"``,
     [``"cross"``,] ``"mlp"`` (``"mlp"`` is ``y``), each (B, T, D). Read by the divergence report.
     """
     masks = masks or {}
-    if enc is not None and "cross_attn" not in params:
+    cross = enc is not None or (kv_cache is not None and "ck" in kv_cache)
+    if cross and "cross_attn" not in params:
         raise ValueError("enc was given but the block has no cross_attn parameters")
+    self_cache = cross_cache = None
+    if kv_cache is not None:
+        if cache_pos is None:
+            raise ValueError("a kv_cache needs cache_pos, the slot of the first new token")
+        self_cache = {"k": kv_cache["k"], "v": kv_cache["v"]}
+        cross_cache = {"k": kv_cache["ck"], "v": kv_cache["cv"]} if "ck" in kv_cache else None
     attn_kw = dict(key_padding_mask=key_padding_mask, causal=spec.causal, rope_theta=spec.rope_theta,
                    rope_layout=spec.rope_layout, positions=positions,
-                   dropout_mask=masks.get("attn_probs"), dropout_rate=spec.dropout_rate)
+                   dropout_mask=masks.get("attn_probs"), dropout_rate=spec.dropout_rate,
+                   kv_cache=self_cache, cache_pos=cache_pos)
     cross_kw = dict(key_padding_mask=enc_padding_mask, dropout_mask=masks.get("cross_probs"),
-                    dropout_rate=spec.dropout_rate)
+                    dropout_rate=spec.dropout_rate, kv_cache=cross_cache)
     mlp_fwd = gated_mlp_forward if spec.gated_mlp else mlp_forward
-    c: dict[str, Any] = {"enc": enc is not None}
+    c: dict[str, Any] = {"enc": cross}
 
     def sublayer(name, h, fn):
         """One residual sub-layer in the spec's norm placement; caches under ``name``."""
@@ -114,7 +132,7 @@ def block_forward(
         return out
 
     h = sublayer("attn", x, lambda n: attention_forward(params["attn"], n, **attn_kw))
-    if enc is not None:
+    if cross:
         h = sublayer("cross", h, lambda n: attention_forward(params["cross_attn"], n, enc, **cross_kw))
     y = sublayer("mlp", h, lambda n: mlp_fwd(params["mlp"], n, activation=spec.activation))
     return y, (spec, c)

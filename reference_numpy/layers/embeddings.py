@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from reference_numpy.checks import is_tracer, check_array, check_ids, check_same_dtype
-from reference_numpy.contract import rows_matmul
+from reference_numpy.speed.contract import rows_matmul
 
 Params = dict[str, np.ndarray]
 

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from reference_numpy.checks import check_array, check_same_dtype
-from reference_numpy.contract import rows_matmul
+from reference_numpy.speed.contract import rows_matmul
 from reference_numpy.layers.activations import activation as _activation
 
 Params = dict[str, np.ndarray]

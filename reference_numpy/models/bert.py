@@ -94,8 +94,8 @@ from reference_numpy.layers.embeddings import (
 )
 from reference_numpy.layers.linear import linear_backward, linear_forward
 from reference_numpy.layers.norms import layer_norm_backward, layer_norm_forward
-from reference_numpy.losses import cross_entropy_backward, cross_entropy_forward
-from reference_numpy.models.common import check_token_batch, init_params, layer, require_keys, stack
+from reference_numpy.losses import IGNORE_INDEX, cross_entropy_backward, cross_entropy_forward
+from reference_numpy.models.common import check_token_batch, collect_blocks, init_params, layer, require_keys, stack
 from reference_numpy.tree import Tree, tree_zeros_like
 
 HEADS = ("base", "mlm", "sequence_classification", "token_classification", "question_answering")
@@ -121,7 +121,6 @@ LABEL_KEYS = {
 # Every batch key the model reads (anything else in a batch is ignored).
 BATCH_KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels", "start_positions", "end_positions")
 
-IGNORE_INDEX = -100  # HF / PyTorch CrossEntropyLoss default
 
 # --------------------------------------------------------------------------------------------
 # shared with the JAX model: heads, parameter shapes, block spec, batch checks
@@ -284,10 +283,12 @@ def dropout_masks(
 
 
 def _head_forward(
-    params: Tree, h: np.ndarray, config: BertConfig, head: str, masks: Tree | None = None
+    params: Tree, h: np.ndarray, config: BertConfig, head: str, masks: Tree | None = None,
+    collect: list | None = None,
 ) -> tuple[Any, Any, Any]:
     """last_hidden_state (B, T, D) -> the head's output (see the module docstring), its cache and
-    the cache of the dropout before the classifier (None in evaluation / for other heads)."""
+    the cache of the dropout before the classifier (None in evaluation / for other heads).
+    ``collect``: the trace list, which gets the ``pooler_output`` row of the heads that pool."""
     cls_mask = None if masks is None else masks.get("classifier")
     if head == "mlm":
         p = params["mlm"]
@@ -303,6 +304,8 @@ def _head_forward(
     if head == "base" and not config.pooler:
         return (h, None), (None, None), None
     pooled, c_pool = linear_forward(params["pooler"], h[:, 0], "tanh")  # (B, D)
+    if collect is not None:
+        collect.append(("pooler_output", pooled))
     if head == "base":
         return (h, pooled), (c_pool, None), None
     pooled, c_drop = optional_dropout_forward(pooled, cls_mask, config.dropout)
@@ -311,11 +314,13 @@ def _head_forward(
 
 
 def forward_with_cache(
-    params: Tree, batch: dict[str, Any], config: BertConfig, head: str = "mlm", *, masks: Tree | None = None
+    params: Tree, batch: dict[str, Any], config: BertConfig, head: str = "mlm", *, masks: Tree | None = None,
+    collect: list | None = None,
 ) -> tuple[Any, Any]:
     """The head's output (see the module docstring) and everything backward needs. ``masks``:
     training dropout masks (``dropout_mask_shapes``; e.g. ``np.asarray`` of the JAX
-    ``dropout_masks``), None = evaluation."""
+    ``dropout_masks``), None = evaluation. ``collect``: a list this call appends the trace rows
+    to (``reference_numpy.trace``): ``embeddings``, each block's, ``pooler_output``."""
     check_params(params, head, config)
     check_batch(batch, config, head)
     ids = np.asarray(batch["input_ids"])
@@ -331,15 +336,20 @@ def forward_with_cache(
     s, c_type = embedding_forward(emb["token_type"], types)  # (B, T, D)
     x, c_emb_norm = layer_norm_forward(emb["norm"], w + p + s, eps=config.norm_eps)
     x, c_emb_drop = optional_dropout_forward(x, None if masks is None else masks["embed"], config.dropout)
+    if collect is not None:
+        collect.append(("embeddings", x))
     spec = block_spec(config)
     if masks is not None:
         spec = dataclasses.replace(spec, dropout_rate=config.dropout)
     c_blocks = []
     for i in range(config.n_layers):  # a loop over layers, not tokens
         m = None if masks is None else layer(masks["layers"], i)
-        x, c = block_forward(layer(params["layers"], i), x, spec, key_padding_mask=mask, masks=m)
+        inter: dict[str, np.ndarray] | None = None if collect is None else {}
+        x, c = block_forward(layer(params["layers"], i), x, spec, key_padding_mask=mask, masks=m,
+                             intermediates=inter)
+        collect_blocks(collect, "", i, inter)
         c_blocks.append(c)
-    out, c_head, c_cls_drop = _head_forward(params, x, config, head, masks)
+    out, c_head, c_cls_drop = _head_forward(params, x, config, head, masks, collect)
     cache = {"head": head, "h_shape": x.shape, "word": c_word, "pos": c_pos, "type": c_type,
              "emb_norm": c_emb_norm, "emb_drop": c_emb_drop, "blocks": c_blocks, "out": c_head,
              "cls_drop": c_cls_drop}
@@ -347,11 +357,12 @@ def forward_with_cache(
 
 
 def forward(
-    params: Tree, batch: dict[str, Any], config: BertConfig, head: str = "mlm", *, masks: Tree | None = None
+    params: Tree, batch: dict[str, Any], config: BertConfig, head: str = "mlm", *, masks: Tree | None = None,
+    collect: list | None = None,
 ) -> Any:
     """Logits of ``head`` ((B, T, V) for "mlm"), or ``(last_hidden_state, pooler_output)`` for "base"
-    (``masks``: see ``forward_with_cache``)."""
-    return forward_with_cache(params, batch, config, head, masks=masks)[0]
+    (``masks``, ``collect``: see ``forward_with_cache``)."""
+    return forward_with_cache(params, batch, config, head, masks=masks, collect=collect)[0]
 
 
 def output_shape(config: BertConfig, head: str, B: int, T: int) -> tuple[int, ...]:

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from reference_numpy.checks import check_array, check_ids
-from reference_numpy.tree import Tree, tree_map
+from reference_numpy.tree import Tree, tree_leaves_with_path, tree_map, tree_set
 
 
 def require_keys(batch: dict[str, Any], keys: Sequence[str], family: str) -> None:
@@ -36,6 +36,40 @@ def check_token_batch(
         check_array(mask_key, mask, (b, t))
         mask = np.asarray(mask).astype(bool)
     return np.asarray(ids), mask
+
+
+def check_cached_token_batch(
+    batch: dict[str, Any], key: str, vocab_size: int, max_len: int, slots: int, cache_pos: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """A decoding step's batch: ids (B, N), the new tokens at slots [cache_pos, cache_pos + N) of
+    a cache with ``slots`` slots, in range and within ``max_len``; the attention mask, if any,
+    covers every slot: (B, slots). Returns (ids, bool mask or None)."""
+    ids = batch[key]
+    check_array(key, ids, ("B", "N"), kind="int")
+    b, n = ids.shape
+    if not 0 <= cache_pos <= slots - n:
+        raise ValueError(f"cache_pos {cache_pos} + {n} new tokens does not fit the cache's {slots} slots")
+    if cache_pos + n > max_len:
+        raise ValueError(f"slot {cache_pos + n - 1} is past the longest sequence the model supports "
+                         f"(max_len={max_len})")
+    check_ids(key, ids, vocab_size)
+    mask_key = {"input_ids": "attention_mask", "decoder_input_ids": "decoder_attention_mask"}[key]
+    mask = batch.get(mask_key)
+    if mask is not None:
+        check_array(mask_key, mask, (b, slots))
+        mask = np.asarray(mask).astype(bool)
+    return np.asarray(ids), mask
+
+
+def collect_blocks(collect: list | None, prefix: str, i: int, inter: dict[str, Any]) -> None:
+    """Append block ``i``'s sub-layer outputs (``block_forward(..., intermediates=)``) to a
+    trace list as ``{prefix}layer{i}.attention`` [, ``.cross_attention``], ``.mlp``."""
+    if collect is None:
+        return
+    collect.append((f"{prefix}layer{i}.attention", inter["attn"]))
+    if "cross" in inter:
+        collect.append((f"{prefix}layer{i}.cross_attention", inter["cross"]))
+    collect.append((f"{prefix}layer{i}.mlp", inter["mlp"]))
 
 
 def layer(stacked: Tree, i: int) -> Tree:
@@ -68,8 +102,6 @@ def init_rule(path: str, n_layers: int, std: float = 0.02) -> tuple[str, float]:
 
 def init_params(shapes: Tree, n_layers: int, rng: np.random.Generator, dtype: Any) -> Tree:
     """A fresh parameter tree from ``configs.param_shapes(config)`` (reference side)."""
-    from reference_numpy.tree import tree_leaves_with_path, tree_set
-
     out = tree_map(lambda s: None, shapes)
     for path, shape in tree_leaves_with_path(shapes):
         kind, std = init_rule(path, n_layers)

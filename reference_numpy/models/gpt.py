@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from reference_numpy.contract import einsum, rows_matmul
+from reference_numpy.speed.contract import einsum, rows_matmul
 from reference_numpy.configs import GPTConfig, param_shapes
 from reference_numpy.layers.block import BlockSpec, block_backward, block_forward
 from reference_numpy.layers.dropout import (
@@ -46,7 +46,15 @@ from reference_numpy.layers.embeddings import (
 )
 from reference_numpy.layers.norms import layer_norm_backward, layer_norm_forward, rms_norm_backward, rms_norm_forward
 from reference_numpy.losses import cross_entropy_backward, cross_entropy_forward
-from reference_numpy.models.common import check_token_batch, init_params, layer, require_keys, stack
+from reference_numpy.models.common import (
+    check_cached_token_batch,
+    check_token_batch,
+    collect_blocks,
+    init_params,
+    layer,
+    require_keys,
+    stack,
+)
 from reference_numpy.tree import Tree, tree_add
 
 
@@ -85,21 +93,38 @@ def _norm(config: GPTConfig):
     return rms_norm_forward, rms_norm_backward
 
 
+def init_cache(config: GPTConfig, batch: int, slots: int, dtype: Any) -> Tree:
+    """A zeroed decoding cache for ``forward(..., kv_cache=)``: ``{"k", "v"}``, each
+    (L, B, S, K, E) with S = ``slots``."""
+    shape = (config.n_layers, batch, slots, config.kv_heads, config.e)
+    return {"k": np.zeros(shape, dtype), "v": np.zeros(shape, dtype)}
+
+
 def _trunk_with_cache(
-    params: Tree, batch: dict[str, Any], config: GPTConfig, masks: Tree | None = None
+    params: Tree, batch: dict[str, Any], config: GPTConfig, masks: Tree | None = None, *,
+    kv_cache: Tree | None = None, cache_pos: int = 0, collect: list | None = None,
 ) -> tuple[np.ndarray, Any]:
-    """Final-norm hidden states (B, T, D) and the trunk's caches (everything but the head)."""
+    """Final-norm hidden states (B, T, D) and the trunk's caches (everything but the head).
+    ``kv_cache`` / ``cache_pos`` / ``collect``: see ``forward_with_cache``."""
     require_keys(batch, ["input_ids"], "gpt")
-    ids, mask = check_token_batch(batch, "input_ids", config.vocab_size, config.max_len)
+    if kv_cache is None:
+        ids, mask = check_token_batch(batch, "input_ids", config.vocab_size, config.max_len)
+    else:
+        ids, mask = check_cached_token_batch(batch, "input_ids", config.vocab_size, config.max_len,
+                                             kv_cache["k"].shape[2], cache_pos)
+        if masks is not None:
+            raise ValueError("dropout masks are for training; decoding with kv_cache is evaluation")
     B, T = ids.shape
     masks = resolve_mask_tree(masks, dropout_mask_shapes(config, B, T), config.dropout)
-    positions = np.arange(T)
+    positions = cache_pos + np.arange(T)  # slot indices: decoding equals the full recompute
     x, c_embed = embedding_forward(params["embed"], ids)
     c_pos = None
     if config.positions == "learned":
         p, c_pos = position_embedding_forward(params["position"], positions)
         x = x + p
     x, c_drop = optional_dropout_forward(x, None if masks is None else masks["embed"], config.dropout)
+    if collect is not None:
+        collect.append(("embeddings", x))
     spec = block_spec(config)
     if masks is not None:
         spec = dataclasses.replace(spec, dropout_rate=config.dropout)
@@ -107,42 +132,64 @@ def _trunk_with_cache(
     c_blocks = []
     for i in range(config.n_layers):  # a loop over layers, not tokens
         m = None if masks is None else layer(masks["layers"], i)
+        lc = None if kv_cache is None else {"k": kv_cache["k"][i], "v": kv_cache["v"][i]}  # views
+        inter: dict[str, np.ndarray] | None = None if collect is None else {}
         x, c = block_forward(layer(params["layers"], i), x, spec, key_padding_mask=mask, positions=rope_pos,
-                             masks=m)
+                             masks=m, intermediates=inter, kv_cache=lc,
+                             cache_pos=None if kv_cache is None else cache_pos)
+        collect_blocks(collect, "", i, inter)
         c_blocks.append(c)
     norm_fwd, _ = _norm(config)
     h, c_norm = norm_fwd(params["final_norm"], x, eps=config.norm_eps)
+    if collect is not None:
+        collect.append(("final_norm", h))
     return h, (c_embed, c_pos, c_drop, c_blocks, c_norm)
 
 
-def hidden_states(params: Tree, batch: dict[str, Any], config: GPTConfig, *, masks: Tree | None = None) -> np.ndarray:
+def hidden_states(params: Tree, batch: dict[str, Any], config: GPTConfig, *, masks: Tree | None = None,
+                  kv_cache: Tree | None = None, cache_pos: int = 0, collect: list | None = None) -> np.ndarray:
     """input_ids (B, T) [, attention_mask (B, T)] -> final-norm hidden states (B, T, D)
     (HF's base-model ``last_hidden_state``); the twin of ``bigmodel_jax.models.gpt.hidden_states``.
-    ``masks``: training dropout masks (``dropout_mask_shapes``), None = evaluation."""
-    return _trunk_with_cache(params, batch, config, masks)[0]
+    ``masks``: training dropout masks (``dropout_mask_shapes``), None = evaluation; ``kv_cache``,
+    ``cache_pos``, ``collect``: see ``forward_with_cache``."""
+    return _trunk_with_cache(params, batch, config, masks, kv_cache=kv_cache, cache_pos=cache_pos,
+                             collect=collect)[0]
 
 
 def lm_logits(params: Tree, h: np.ndarray, config: GPTConfig) -> np.ndarray:
     """The LM head: final hidden states h (..., D) -> logits (..., V), through the tied embedding
-    or ``lm_head``. The one place both are computed (forward, ``trace`` and KV-cache decoding
-    call it), so their float32 logits stay bit-identical."""
+    or ``lm_head``."""
     if config.tie_embeddings:
         return embedding_attend(params["embed"], h)[0]
     return rows_matmul(h, params["lm_head"]["kernel"])
 
 
 def forward_with_cache(
-    params: Tree, batch: dict[str, Any], config: GPTConfig, *, masks: Tree | None = None
+    params: Tree, batch: dict[str, Any], config: GPTConfig, *, masks: Tree | None = None,
+    kv_cache: Tree | None = None, cache_pos: int = 0, collect: list | None = None,
 ) -> tuple[np.ndarray, Any]:
     """Logits (B, T, V) and everything backward needs. ``masks``: training dropout masks
-    (``dropout_mask_shapes``; e.g. ``np.asarray`` of the JAX ``dropout_masks``), None = evaluation."""
-    h, trunk = _trunk_with_cache(params, batch, config, masks)
+    (``dropout_mask_shapes``; e.g. ``np.asarray`` of the JAX ``dropout_masks``), None = evaluation.
+
+    ``kv_cache`` (``init_cache``): decode instead. ``input_ids`` (B, N) are the tokens at slots
+    [cache_pos, cache_pos + N) (their positions), their keys/values are written into the cache
+    in place, and attention reads every earlier slot; ``attention_mask``, if given, is (B, S)
+    over all slots (False = padding). A prefill at ``cache_pos=0`` followed by one-token steps
+    gives the logits of the full forward. Forward only.
+
+    ``collect``: a list this call appends the trace rows to (``reference_numpy.trace``):
+    ``embeddings``, each block's ``layer{i}.attention`` / ``.mlp``, ``final_norm``."""
+    h, trunk = _trunk_with_cache(params, batch, config, masks, kv_cache=kv_cache, cache_pos=cache_pos,
+                                 collect=collect)
     return lm_logits(params, h, config), (*trunk, h)  # both heads' backward needs only h
 
 
-def forward(params: Tree, batch: dict[str, Any], config: GPTConfig, *, masks: Tree | None = None) -> np.ndarray:
-    """Logits (B, T, V) of the next token at every position (``masks``: see ``forward_with_cache``)."""
-    return forward_with_cache(params, batch, config, masks=masks)[0]
+def forward(params: Tree, batch: dict[str, Any], config: GPTConfig, *, masks: Tree | None = None,
+            kv_cache: Tree | None = None, cache_pos: int = 0, collect: list | None = None) -> np.ndarray:
+    """Logits (B, T, V) of the next token at every position (``masks``, ``kv_cache``,
+    ``cache_pos``, ``collect``: see ``forward_with_cache``)."""
+    return forward_with_cache(params, batch, config, masks=masks, kv_cache=kv_cache, cache_pos=cache_pos,
+                              collect=collect)[0]
 
 
 def backward(params: Tree, cache: Any, dlogits: np.ndarray, config: GPTConfig) -> Tree:

@@ -59,7 +59,7 @@ from typing import Any
 
 import numpy as np
 
-from reference_numpy.contract import einsum, rows_matmul
+from reference_numpy.speed.contract import einsum, rows_matmul
 from reference_numpy.checks import check_array
 from reference_numpy.configs import Seq2SeqConfig, param_shapes
 from reference_numpy.layers.block import BlockSpec, block_backward, block_forward
@@ -77,8 +77,17 @@ from reference_numpy.layers.embeddings import (
     sinusoidal_positions,
 )
 from reference_numpy.layers.norms import layer_norm_backward, layer_norm_forward
-from reference_numpy.losses import cross_entropy_backward, cross_entropy_forward
-from reference_numpy.models.common import check_token_batch, init_params, layer, require_keys, stack
+from reference_numpy.losses import IGNORE_INDEX, cross_entropy_backward, cross_entropy_forward
+from reference_numpy.layers.attention import project_keys_values
+from reference_numpy.models.common import (
+    check_cached_token_batch,
+    check_token_batch,
+    collect_blocks,
+    init_params,
+    layer,
+    require_keys,
+    stack,
+)
 from reference_numpy.tree import Tree, tree_add
 
 
@@ -170,7 +179,7 @@ def check_labels(batch: dict[str, Any], config: Seq2SeqConfig) -> np.ndarray:
     labels = batch["labels"]
     check_array("labels", labels, tuple(np.shape(batch["decoder_input_ids"])), kind="int")
     lab = np.asarray(labels)
-    bad = lab[(lab != -100) & ((lab < 0) | (lab >= config.vocab_size))]
+    bad = lab[(lab != IGNORE_INDEX) & ((lab < 0) | (lab >= config.vocab_size))]
     if bad.size:
         raise ValueError(f"labels must lie in [0, {config.vocab_size}) or equal -100, found {int(bad[0])}")
     return lab
@@ -209,13 +218,14 @@ def position_codes(positions: np.ndarray, config: Seq2SeqConfig, dtype: Any) -> 
 
 
 def _embed_forward(
-    table: Tree, ids: np.ndarray, config: Seq2SeqConfig, mask: np.ndarray | None = None
+    table: Tree, ids: np.ndarray, config: Seq2SeqConfig, mask: np.ndarray | None = None, offset: int = 0
 ) -> tuple[np.ndarray, Any]:
-    """ids (B, N) -> drop(E[ids] * scale + PE[n]): (B, N, D) (``mask`` (B, N, D): the training
-    dropout mask, None = evaluation); cache for ``_embed_backward``."""
+    """ids (B, N) at positions offset + n -> drop(E[ids] * scale + PE[offset + n]): (B, N, D)
+    (``mask`` (B, N, D): the training dropout mask, None = evaluation); cache for
+    ``_embed_backward``."""
     x, c = embedding_forward(table, ids)  # (B, N, D)
     scale = x.dtype.type(embed_scale(config))
-    pe = position_codes(np.arange(ids.shape[1]), config, x.dtype)  # (N, D)
+    pe = position_codes(offset + np.arange(ids.shape[1]), config, x.dtype)  # (N, D)
     y, c_drop = optional_dropout_forward(x * scale + pe[None], mask, config.dropout)
     return y, (c, scale, c_drop)
 
@@ -227,24 +237,33 @@ def _embed_backward(table: Tree, cache: Any, dx: np.ndarray) -> Tree:
 
 
 def encode_with_cache(
-    params: Tree, batch: dict[str, Any], config: Seq2SeqConfig, *, masks: Tree | None = None
+    params: Tree, batch: dict[str, Any], config: Seq2SeqConfig, *, masks: Tree | None = None,
+    collect: list | None = None,
 ) -> tuple[np.ndarray, Any]:
     """input_ids (B, S) [, attention_mask (B, S)] -> encoder output (B, S, D) and its cache.
     ``masks``: the encoder's training dropout masks (``encoder_mask_shapes``, i.e.
-    ``masks["encoder"]`` of a full tree), None = evaluation."""
+    ``masks["encoder"]`` of a full tree), None = evaluation. ``collect``: a trace list to append
+    the ``encoder.*`` rows to (``reference_numpy.trace``)."""
     ids, mask = check_source(batch, config)
     masks = resolve_mask_tree(masks, encoder_mask_shapes(config, *ids.shape), config.dropout, "masks (encoder)")
     x, c_embed = _embed_forward(params["embed"], ids, config,
                                 None if masks is None else masks["embed"])  # (B, S, D)
+    if collect is not None:
+        collect.append(("encoder.embeddings", x))
     spec = _with_rate(encoder_spec(config), masks, config)
     c_blocks = []
     for i in range(config.n_layers):  # a loop over layers, not tokens
         m = None if masks is None else layer(masks["layers"], i)
-        x, c = block_forward(layer(params["encoder"]["layers"], i), x, spec, key_padding_mask=mask, masks=m)
+        inter: dict[str, np.ndarray] | None = None if collect is None else {}
+        x, c = block_forward(layer(params["encoder"]["layers"], i), x, spec, key_padding_mask=mask, masks=m,
+                             intermediates=inter)
+        collect_blocks(collect, "encoder.", i, inter)
         c_blocks.append(c)
     c_norm = None
     if config.prenorm:
         x, c_norm = layer_norm_forward(params["encoder"]["final_norm"], x, eps=config.norm_eps)
+        if collect is not None:
+            collect.append(("encoder.final_norm", x))
     return x, (c_embed, c_blocks, c_norm)
 
 
@@ -253,39 +272,79 @@ def encode(params: Tree, batch: dict[str, Any], config: Seq2SeqConfig) -> np.nda
     return encode_with_cache(params, batch, config)[0]
 
 
+def init_cache(params: Tree, enc: np.ndarray, config: Seq2SeqConfig, slots: int) -> Tree:
+    """A decoding cache for ``decode_with_cache(..., kv_cache=)``: the self-attention's zeroed
+    ``{"k", "v"}`` (L, B, slots, K, E) and the cross-attention's keys/values of the encoder
+    output ``enc`` (B, S, D), projected once: ``{"ck", "cv"}`` (L, B, S, K, E)."""
+    B = enc.shape[0]
+    K, E = config.n_kv_heads or config.n_heads, config.d_model // config.n_heads
+    cross = [project_keys_values(layer(params["decoder"]["layers"], i)["cross_attn"], enc)
+             for i in range(config.decoder_layers)]
+    shape = (config.decoder_layers, B, slots, K, E)
+    return {"k": np.zeros(shape, enc.dtype), "v": np.zeros(shape, enc.dtype),
+            "ck": np.stack([k for k, _ in cross]), "cv": np.stack([v for _, v in cross])}
+
+
 def decode_with_cache(
-    params: Tree, enc: np.ndarray, batch: dict[str, Any], config: Seq2SeqConfig, *, masks: Tree | None = None
+    params: Tree, enc: np.ndarray | None, batch: dict[str, Any], config: Seq2SeqConfig, *,
+    masks: Tree | None = None, kv_cache: Tree | None = None, cache_pos: int = 0, collect: list | None = None,
 ) -> tuple[np.ndarray, Any]:
     """enc (B, S, D), decoder_input_ids (B, T) [, attention_mask (B, S) of the source,
     decoder_attention_mask (B, T)] -> logits (B, T, V) and the decoder's cache. ``masks``: the
     decoder's training dropout masks (``decoder_mask_shapes``, i.e. ``masks["decoder"]`` of a
-    full tree), None = evaluation."""
-    ids, dec_mask = check_target(batch, config)
+    full tree), None = evaluation.
+
+    ``kv_cache`` (``init_cache``): decode instead. ``decoder_input_ids`` (B, N) are the target
+    tokens at slots [cache_pos, cache_pos + N), written into the cache in place; the
+    cross-attention reads the cached source keys/values, so ``enc`` may be None;
+    ``decoder_attention_mask``, if given, covers all (B, slots). Forward only.
+    ``collect``: a trace list to append the ``decoder.*`` rows to."""
+    if kv_cache is None:
+        ids, dec_mask = check_target(batch, config)
+    else:
+        require_keys(batch, ["decoder_input_ids"], "seq2seq")
+        ids, dec_mask = check_cached_token_batch(batch, "decoder_input_ids", config.vocab_size, config.max_len,
+                                                 kv_cache["k"].shape[2], cache_pos)
+        if masks is not None:
+            raise ValueError("dropout masks are for training; decoding with kv_cache is evaluation")
     B, T = ids.shape
-    check_encoder_output(enc, batch, config, B)
-    masks = resolve_mask_tree(masks, decoder_mask_shapes(config, B, enc.shape[1], T), config.dropout,
-                              "masks (decoder)")
+    if enc is not None:
+        check_encoder_output(enc, batch, config, B)
+    elif kv_cache is None:
+        raise ValueError("decode needs the encoder output enc (B, S, D), or a kv_cache holding it")
+    S = enc.shape[1] if enc is not None else kv_cache["ck"].shape[2]
+    masks = resolve_mask_tree(masks, decoder_mask_shapes(config, B, S, T), config.dropout, "masks (decoder)")
     src_mask = batch.get("attention_mask")
-    src_mask = None if src_mask is None else np.asarray(src_mask).astype(bool)
+    if src_mask is not None:
+        check_array("attention_mask", src_mask, (B, S))
+        src_mask = np.asarray(src_mask).astype(bool)
     table = _target_table(params, config)
-    y, c_embed = _embed_forward(table, ids, config, None if masks is None else masks["embed"])  # (B, T, D)
+    y, c_embed = _embed_forward(table, ids, config, None if masks is None else masks["embed"],
+                                offset=cache_pos)  # (B, T, D)
+    if collect is not None:
+        collect.append(("decoder.embeddings", y))
     spec = _with_rate(decoder_spec(config), masks, config)
     c_blocks = []
     for i in range(config.decoder_layers):
         m = None if masks is None else layer(masks["layers"], i)
+        lc = None if kv_cache is None else {name: a[i] for name, a in kv_cache.items()}  # views
+        inter: dict[str, np.ndarray] | None = None if collect is None else {}
         y, c = block_forward(layer(params["decoder"]["layers"], i), y, spec, enc=enc,
-                             key_padding_mask=dec_mask, enc_padding_mask=src_mask, masks=m)
+                             key_padding_mask=dec_mask, enc_padding_mask=src_mask, masks=m,
+                             intermediates=inter, kv_cache=lc, cache_pos=None if lc is None else cache_pos)
+        collect_blocks(collect, "decoder.", i, inter)
         c_blocks.append(c)
     c_norm = None
     if config.prenorm:
         y, c_norm = layer_norm_forward(params["decoder"]["final_norm"], y, eps=config.norm_eps)
+        if collect is not None:
+            collect.append(("decoder.final_norm", y))
     return decoder_logits(params, y, config), (c_embed, c_blocks, c_norm, y)  # the head's backward needs y
 
 
 def decoder_logits(params: Tree, y: np.ndarray, config: Seq2SeqConfig) -> np.ndarray:
     """The decoder's LM head: y (..., D) -> logits (..., V), through the shared embedding or
-    ``lm_head``, plus ``final_logits_bias`` (V,). The one place it is computed (decode,
-    ``trace`` and KV-cache decoding call it), so their float32 logits stay bit-identical."""
+    ``lm_head``, plus ``final_logits_bias`` (V,)."""
     if config.share_embeddings:
         logits = embedding_attend(params["embed"], y)[0]
     else:
@@ -301,22 +360,27 @@ def decode(params: Tree, enc: np.ndarray, batch: dict[str, Any], config: Seq2Seq
 
 
 def forward_with_cache(
-    params: Tree, batch: dict[str, Any], config: Seq2SeqConfig, *, masks: Tree | None = None
+    params: Tree, batch: dict[str, Any], config: Seq2SeqConfig, *, masks: Tree | None = None,
+    collect: list | None = None,
 ) -> tuple[np.ndarray, Any]:
     """Logits (B, T, V) and everything backward needs. ``masks``: training dropout masks
-    (``dropout_mask_shapes``; e.g. ``np.asarray`` of the JAX ``dropout_masks``), None = evaluation."""
+    (``dropout_mask_shapes``; e.g. ``np.asarray`` of the JAX ``dropout_masks``), None = evaluation.
+    ``collect``: a list this call appends the trace rows to (``reference_numpy.trace``)."""
     src_ids, _ = check_source(batch, config)
     tgt_ids, _ = check_target(batch, config, src_ids.shape[0])
     masks = resolve_mask_tree(masks, dropout_mask_shapes(config, *src_ids.shape, tgt_ids.shape[1]), config.dropout)
-    enc, c_enc = encode_with_cache(params, batch, config, masks=None if masks is None else masks["encoder"])
-    logits, c_dec = decode_with_cache(params, enc, batch, config, masks=None if masks is None else masks["decoder"])
+    enc, c_enc = encode_with_cache(params, batch, config, masks=None if masks is None else masks["encoder"],
+                                   collect=collect)
+    logits, c_dec = decode_with_cache(params, enc, batch, config, masks=None if masks is None else masks["decoder"],
+                                      collect=collect)
     return logits, (c_enc, c_dec)
 
 
-def forward(params: Tree, batch: dict[str, Any], config: Seq2SeqConfig, *, masks: Tree | None = None) -> np.ndarray:
+def forward(params: Tree, batch: dict[str, Any], config: Seq2SeqConfig, *, masks: Tree | None = None,
+            collect: list | None = None) -> np.ndarray:
     """Logits (B, T, V): position t's distribution over the token at ``labels[:, t]``
-    (``masks``: see ``forward_with_cache``)."""
-    return forward_with_cache(params, batch, config, masks=masks)[0]
+    (``masks``, ``collect``: see ``forward_with_cache``)."""
+    return forward_with_cache(params, batch, config, masks=masks, collect=collect)[0]
 
 
 # --------------------------------------------------------------------------------------------

@@ -83,7 +83,7 @@ from reference_numpy.layers.embeddings import position_embedding_backward, posit
 from reference_numpy.layers.linear import linear_backward, linear_forward
 from reference_numpy.layers.norms import layer_norm_backward, layer_norm_forward
 from reference_numpy.losses import cross_entropy_backward, cross_entropy_forward
-from reference_numpy.models.common import init_params, layer, require_keys, stack
+from reference_numpy.models.common import collect_blocks, init_params, layer, require_keys, stack
 from reference_numpy.tree import Tree, tree_zeros_like
 
 # --------------------------------------------------------------------------------------------
@@ -227,10 +227,11 @@ def init(config: ViTConfig, rng: np.random.Generator) -> Tree:
 
 
 def _trunk_forward(
-    params: Tree, px: np.ndarray, config: ViTConfig, masks: Tree | None = None
+    params: Tree, px: np.ndarray, config: ViTConfig, masks: Tree | None = None, collect: list | None = None
 ) -> tuple[np.ndarray, Any]:
     """pixel_values (B, C, H, W) -> last_hidden_state (B, N + 1, D) and its cache (``masks``:
-    training dropout masks, ``dropout_mask_shapes``; None = evaluation)."""
+    training dropout masks, ``dropout_mask_shapes``; None = evaluation; ``collect``: the trace
+    list, see ``forward_with_cache``)."""
     B = px.shape[0]
     masks = resolve_mask_tree(masks, dropout_mask_shapes(config, B), config.dropout)
     tokens, c_patch = patch_embed_forward(params["patch_embed"], px, config.patch_size)  # (B, N, D)
@@ -239,15 +240,21 @@ def _trunk_forward(
     pos, c_pos = position_embedding_forward(params["position"], np.arange(config.max_len))
     x = x + pos  # (N + 1, D) broadcast over B
     x, c_drop = optional_dropout_forward(x, None if masks is None else masks["embed"], config.dropout)
+    if collect is not None:
+        collect.append(("embeddings", x))
     spec = block_spec(config)
     if masks is not None:
         spec = dataclasses.replace(spec, dropout_rate=config.dropout)
     c_blocks = []
     for i in range(config.n_layers):  # a loop over layers, not tokens
         m = None if masks is None else layer(masks["layers"], i)
-        x, c = block_forward(layer(params["layers"], i), x, spec, masks=m)
+        inter: dict[str, np.ndarray] | None = None if collect is None else {}
+        x, c = block_forward(layer(params["layers"], i), x, spec, masks=m, intermediates=inter)
+        collect_blocks(collect, "", i, inter)
         c_blocks.append(c)
     h, c_norm = layer_norm_forward(params["final_norm"], x, eps=config.norm_eps)  # (B, N + 1, D)
+    if collect is not None:
+        collect.append(("final_norm", h))
     return h, {"patch": c_patch, "pos": c_pos, "drop": c_drop, "blocks": c_blocks, "norm": c_norm,
                "h_shape": h.shape}
 
@@ -269,14 +276,16 @@ def _trunk_backward(params: Tree, cache: Any, dh: np.ndarray, grads: Tree, confi
 
 
 def encode_with_cache(
-    params: Tree, batch: dict[str, Any], config: ViTConfig, *, masks: Tree | None = None
+    params: Tree, batch: dict[str, Any], config: ViTConfig, *, masks: Tree | None = None,
+    collect: list | None = None,
 ) -> tuple[tuple[np.ndarray, np.ndarray | None], Any]:
     """HF ``ViTModel``'s outputs ``(last_hidden_state (B, N + 1, D), pooler_output (B, D) or None
     when config.pooler is False)`` and everything ``encode_backward`` needs (``masks``: training
-    dropout masks, ``dropout_mask_shapes``; None = evaluation)."""
+    dropout masks, ``dropout_mask_shapes``; None = evaluation; ``collect``: see
+    ``forward_with_cache``)."""
     check_params(params, config)
     px = check_pixels(batch, config, params["patch_embed"]["kernel"].dtype)
-    h, c_trunk = _trunk_forward(params, px, config, masks)
+    h, c_trunk = _trunk_forward(params, px, config, masks, collect)
     pooled, c_pool = linear_forward(params["pooler"], h[:, 0], "tanh") if config.pooler else (None, None)
     return (h, pooled), {"kind": "encode", "trunk": c_trunk, "pool": c_pool}
 
@@ -328,16 +337,18 @@ def encode_backward(
 
 
 def forward_with_cache(
-    params: Tree, batch: dict[str, Any], config: ViTConfig, *, masks: Tree | None = None
+    params: Tree, batch: dict[str, Any], config: ViTConfig, *, masks: Tree | None = None,
+    collect: list | None = None,
 ) -> tuple[np.ndarray, Any]:
     """Logits (B, num_labels) and everything backward needs (needs ``config.classifier``).
     ``masks``: training dropout masks (``dropout_mask_shapes``; e.g. ``np.asarray`` of the JAX
-    ``dropout_masks``), None = evaluation."""
+    ``dropout_masks``), None = evaluation. ``collect``: a list this call appends the trace rows
+    to (``reference_numpy.trace``): ``embeddings``, each block's, ``final_norm``."""
     if not config.classifier:
         raise no_classifier_error(config)
     check_params(params, config)
     px = check_pixels(batch, config, params["patch_embed"]["kernel"].dtype)
-    h, c_trunk = _trunk_forward(params, px, config, masks)
+    h, c_trunk = _trunk_forward(params, px, config, masks, collect)
     logits, c_head = linear_forward(params["head"], h[:, 0])  # (B, num_labels); HF reads h[:, 0], not the pooler
     return logits, {"kind": "logits", "trunk": c_trunk, "head": c_head}
 

@@ -1,0 +1,36 @@
+"""The ``bigmodel`` command line (also ``python -m bigmodel_apps``): one module per command group.
+
+* ``check``                      the parity report (``cli.check``)
+* ``diff``, ``convert``          porting (``cli.port``)
+* ``train``, ``eval``, ``demo``  training runs (``cli.train``)
+* ``generate``                   text from a run or an HF directory (``cli.generate``)
+* ``tune``                       hyper-parameter search (``cli.tune``)
+* ``bench``                      the benchmark suite (``cli.bench``)
+
+Building the parser loads no jax: a command imports the modules that load jax when it runs,
+so ``bigmodel --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from bigmodel_apps.cli import bench, check, generate, port, train, tune
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bigmodel",
+        description="Transformer models in NumPy (reference) and JAX, kept in agreement.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for group in (check, port, train, generate, tune, bench):
+        group.add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``bigmodel`` console script."""
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+

@@ -1,5 +1,0 @@
-import sys
-
-from bigmodel_jax.cli import main
-
-sys.exit(main())

@@ -1,5 +1,0 @@
-"""The parity harness: every layer / model run in both implementations and compared by name."""
-
-from bigmodel_jax.parity.harness import REGISTRY, Case, CaseData, Row, compare, gradcheck_case, register
-
-__all__ = ["REGISTRY", "Case", "CaseData", "Row", "compare", "gradcheck_case", "register"]
