@@ -57,11 +57,8 @@ def trace(config: Config, params: Tree, batch: dict[str, Any], task: str) -> Tra
     """
     rows: Trace = []
     if isinstance(config, BertConfig):
-        out = bert.forward(params, batch, config, task, collect=rows)
-        if task == "base":  # (last_hidden_state, pooler_output): the pooler row is collected
-            pooled = [r for r in rows if r[0] == "pooler_output"]
-            rows = [r for r in rows if r[0] != "pooler_output"] + [("last_hidden_state", out[0])] + pooled
-        else:
+        out = bert.forward(params, batch, config, task, collect=rows)  # "base" collects its outputs
+        if task != "base":
             rows.append(("logits", out))
     elif isinstance(config, GPTConfig):
         if task == "base":

@@ -158,7 +158,8 @@ def forward(
     ``dropout_key``: draw training dropout masks from it; ``masks``: explicit masks
     (``dropout_masks(..., head)``); neither = evaluation. ``perf``: layout options (module
     docstring). ``collect``: a list the call appends the trace rows to (``bigmodel_jax.trace``;
-    outside ``jit``): ``embeddings``, each block's, ``pooler_output`` of the heads that pool."""
+    outside ``jit``): ``embeddings``, each block's, "base"'s ``last_hidden_state``, ``pooler_output``
+    of the heads that pool."""
     check_params(params, head, config)
     check_batch(batch, config, "base")
     params = cast_params(params, perf)
@@ -170,6 +171,8 @@ def forward(
         return linear(params["classifier"], drop.apply("classifier", h))
     if head == "question_answering":
         return linear(params["qa"], h)
+    if head == "base" and collect is not None:
+        collect.append(("last_hidden_state", h))
     if head == "base" and not config.pooler:
         return h, None
     pooled = pooler(params, h)

@@ -122,7 +122,8 @@ def hidden_states(
         new_cache = new
     else:
         x, (new_cache, stacked) = layer_loop(layer, x, (params["layers"], drop.layer_inputs(), cache), perf)
-        inters = [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(config.n_layers)]
+        inters = [] if collect is None else [jax.tree.map(lambda a, i=i: a[i], stacked)
+                                             for i in range(config.n_layers)]
     if collect is not None:
         for i, inter in enumerate(inters):
             collect_blocks(collect, "", i, inter)

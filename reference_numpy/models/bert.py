@@ -288,7 +288,8 @@ def _head_forward(
 ) -> tuple[Any, Any, Any]:
     """last_hidden_state (B, T, D) -> the head's output (see the module docstring), its cache and
     the cache of the dropout before the classifier (None in evaluation / for other heads).
-    ``collect``: the trace list, which gets the ``pooler_output`` row of the heads that pool."""
+    ``collect``: the trace list, which gets "base"'s ``last_hidden_state`` row and the
+    ``pooler_output`` row of the heads that pool."""
     cls_mask = None if masks is None else masks.get("classifier")
     if head == "mlm":
         p = params["mlm"]
@@ -301,6 +302,8 @@ def _head_forward(
         return (*linear_forward(params["classifier"], hd), c_drop)  # (B, T, C)
     if head == "question_answering":
         return (*linear_forward(params["qa"], h), None)  # (B, T, 2)
+    if head == "base" and collect is not None:
+        collect.append(("last_hidden_state", h))
     if head == "base" and not config.pooler:
         return (h, None), (None, None), None
     pooled, c_pool = linear_forward(params["pooler"], h[:, 0], "tanh")  # (B, D)
