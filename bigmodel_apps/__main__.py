@@ -4,4 +4,5 @@ import sys
 
 from bigmodel_apps.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # importing this module (by name, from anywhere) must not run the CLI
+    sys.exit(main())

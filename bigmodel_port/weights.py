@@ -43,6 +43,7 @@ import os
 import pickle
 import re
 import warnings
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +59,8 @@ from bigmodel_port.paths import local_model_dir
 __all__ = [
     "DTYPE_TAGS", "SAFE_WEIGHTS_INDEX_NAME", "SAFE_WEIGHTS_NAME", "WEIGHTS_INDEX_NAME", "WEIGHTS_NAME",
     "find_shared_tensors", "find_weights_file", "load_state_dict", "parse_size", "read_safetensors",
-    "read_safetensors_metadata", "save_state_dict", "storable_array", "write_safetensors",
+    "read_safetensors_metadata", "save_state_dict", "storable_array", "tensor_crc32",
+    "write_safetensors",
 ]
 
 # HuggingFace's file names (transformers.utils.SAFE_WEIGHTS_NAME etc.).
@@ -177,12 +179,16 @@ def _read_header(path: Path) -> _Header:
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _corrupt(path, f"header is not valid JSON ({e})") from None
+    except ValueError as e:  # bad UTF-8, bad JSON, an integer of more digits than int() takes
+        raise _corrupt(path, f"header is not valid JSON ({str(e)[:200]})") from None
+    except RecursionError:  # json's nesting guard (a valid header nests 3 levels)
+        raise _corrupt(path, "header JSON nests too deeply") from None
     if not isinstance(header, dict):
         raise _corrupt(path, f"header is a JSON {type(header).__name__}, not an object")
 
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:  # absent, or null (which the library accepts too)
+        metadata = {}
     if not isinstance(metadata, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise _corrupt(path, "__metadata__ is not a mapping of strings to strings")
@@ -192,21 +198,22 @@ def _read_header(path: Path) -> _Header:
     for name, e in header.items():
         if not (isinstance(e, dict) and isinstance(e.get("dtype"), str)
                 and isinstance(e.get("shape"), list) and isinstance(e.get("data_offsets"), list)):
-            raise _corrupt(path, f"tensor {name!r} entry is malformed: {e!r:.200}")
+            raise _corrupt(path, f"tensor {name!r:.200} entry is malformed: {e!r:.200}")
         dtype, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
         if not all(_is_int(d) and d >= 0 for d in shape):
-            raise _corrupt(path, f"tensor {name!r} has invalid shape {shape!r}")
+            raise _corrupt(path, f"tensor {name!r:.200} has invalid shape {shape!r:.200}")
         if not (len(offsets) == 2 and all(_is_int(o) for o in offsets)
                 and 0 <= offsets[0] <= offsets[1]):
-            raise _corrupt(path, f"tensor {name!r} has invalid data_offsets {offsets!r}")
+            raise _corrupt(path, f"tensor {name!r:.200} has invalid data_offsets "
+                                 f"{offsets!r:.200}")
         if dtype in _NP_DTYPES:
             itemsize = _NP_DTYPES[dtype].itemsize
         elif dtype in _WIDENED_ITEMSIZE:
             itemsize = _WIDENED_ITEMSIZE[dtype]
         else:
             supported = sorted([*_NP_DTYPES, *_WIDENED_ITEMSIZE])
-            raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype}, which bigmodel cannot "
-                                  f"read (supported: {', '.join(supported)})")
+            raise CheckpointError(f"{path}: tensor {name!r:.200} has dtype {dtype!r:.50}, which "
+                                  f"bigmodel cannot read (supported: {', '.join(supported)})")
         begin, end = offsets
         if end > data_size:
             raise _corrupt(path, f"tensor {name!r} data_offsets [{begin}, {end}] lie beyond the "
@@ -253,39 +260,70 @@ def read_safetensors_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     return dict(_read_header(Path(path)).metadata)
 
 
-def read_safetensors(path: str | os.PathLike[str], *, widen: bool = True) -> dict[str, np.ndarray]:
+def read_safetensors(path: str | os.PathLike[str], *, widen: bool = True,
+                     crc32: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
     """All tensors of one safetensors file, in header order, read bit for bit.
 
     The header is validated here first (:func:`_read_header`); the tensors are then read by the
     safetensors library. ``widen=True``: BF16 / F8 tensors become float32 (exact; numpy has no
     such dtypes, and BF16 needs no extra package). ``widen=False``: they come back as ml_dtypes'
-    bfloat16 / float8. Raises :class:`CheckpointError` naming the file if it is corrupt or
-    truncated.
+    bfloat16 / float8. ``crc32``: expected :func:`tensor_crc32` of every tensor by name (e.g.
+    recorded in the file's metadata by its writer); the file must hold exactly those tensors,
+    each matching. Raises :class:`CheckpointError` naming the file if it is corrupt or truncated.
     """
     path = Path(path)
     header = _read_header(path)
+    if crc32 is not None and set(crc32) != set(header.entries):
+        missing = sorted(set(crc32) - set(header.entries))
+        extra = sorted(set(header.entries) - set(crc32))
+        raise _corrupt(path, f"its tensors do not match its recorded checksums (missing: "
+                             f"{missing[:10]}, unexpected: {extra[:10]})")
     out: dict[str, np.ndarray] = {}
     try:
         with safe_open(path, framework="numpy") as lib, open(path, "rb") as f:
             for name, e in header.entries.items():
                 if e.dtype in _NP_DTYPES:
-                    out[name] = lib.get_tensor(name)
-                    continue
+                    a = lib.get_tensor(name)
+                    if a.dtype != _NP_DTYPES[e.dtype] or a.shape != e.shape:
+                        raise _corrupt(path, f"tensor {name!r} read back as {a.dtype}{a.shape}, "
+                                             f"not {e.dtype}{e.shape} (file changed?)")
                 # raw bytes: the library reads BF16 to numpy only after ml_dtypes loads, F8 never
-                if e.dtype == "BF16" and widen:
-                    dtype = np.dtype("<u2")  # its bit patterns, widened below without ml_dtypes
+                elif e.dtype == "BF16" and widen:
+                    a = np.empty(e.shape, np.dtype("<u2"))  # bit patterns, widened below
                 else:
-                    dtype = _ml_dtype(e.dtype, path, name)
-                a = np.empty(e.shape, dtype)
-                f.seek(header.data_start + e.begin)
-                if f.readinto(a.reshape(-1).view(np.uint8)) != e.end - e.begin:
-                    raise _corrupt(path, f"tensor {name!r} is cut short")
-                out[name] = _widen_to_float32(a, e.dtype) if widen else a
+                    a = np.empty(e.shape, _ml_dtype(e.dtype, path, name))
+                if e.dtype not in _NP_DTYPES:
+                    f.seek(header.data_start + e.begin)
+                    if f.readinto(a.reshape(-1).view(np.uint8)) != e.end - e.begin:
+                        raise _corrupt(path, f"tensor {name!r} is cut short")
+                if crc32 is not None and _crc(e.dtype, e.shape, a) != crc32[name]:
+                    raise _corrupt(path, f"tensor {name!r} fails its CRC-32 check (the file was "
+                                         "damaged after it was written)")
+                out[name] = _widen_to_float32(a, e.dtype) if widen and e.dtype not in _NP_DTYPES \
+                    else a
     except (CheckpointError, MemoryError):
         raise
-    except Exception as exc:  # the library's errors (a file changed since the checks) name no file
-        raise _corrupt(path, f"{type(exc).__name__}: {exc}") from None
+    except BaseException as exc:  # noqa: B036 -- see below
+        # The library's errors (a file changed since the checks) name no file; a Rust panic in
+        # it arrives as pyo3's PanicException, a BaseException. Interrupts stay interrupts.
+        if isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+            raise
+        raise _corrupt(path, f"{type(exc).__name__}: {str(exc)[:300]}") from None
     return out
+
+
+def _crc(tag: str, shape: tuple[int, ...] | list[int], a: np.ndarray) -> int:
+    """CRC-32 of the tag, the shape and the raw bytes of the C-contiguous array ``a``."""
+    crc = zlib.crc32(f"{tag}{list(shape)}".encode("ascii"))
+    return zlib.crc32(a.reshape(-1).view(np.uint8), crc) if a.size else crc
+
+
+def tensor_crc32(value: Any) -> int:
+    """The checksum :func:`read_safetensors` checks with ``crc32=``: CRC-32 over the tensor's
+    safetensors dtype tag, its shape and its bytes as :func:`write_safetensors` stores them (so a
+    changed dtype or shape in the header is caught, not only changed data)."""
+    a = storable_array(value, "tensor")
+    return _crc(DTYPE_TAGS[a.dtype.name], a.shape, a)
 
 
 def storable_array(value: Any, name: str) -> np.ndarray:

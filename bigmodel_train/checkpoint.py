@@ -29,17 +29,36 @@ is detected on load, not trained on.
 
 Rebuilding types on load:
 
-* without ``like``, containers come back as saved; NamedTuples and dataclasses defined in our
-  packages or in optax are rebuilt as their own class (looked up by module and name, only in an
-  allow-list of packages), any other NamedTuple as a look-alike ``collections.namedtuple`` and any
-  other dataclass as a dict of its fields. JAX arrays come back as JAX arrays on the default
-  device (``as_numpy=True``: everything as NumPy, keys as their uint32 key data);
+* without ``like``, containers come back as saved. A NamedTuple or dataclass is rebuilt as its
+  own class only if that class is in the *allow-list*: a fixed table keyed by (module, qualified
+  name) of the model configs (``reference_numpy.configs``), ``RunConfig``, the optimizer states of
+  ``reference_numpy.optim`` and the optax states our trainer and its tests produce (see
+  ``_OPTAX_STATE_NAMES``). Loading never imports a module named by the file: a file is data, and
+  must not choose which code runs. optax classes are looked up only when optax is already
+  imported, or when ``as_numpy=False`` (which needs jax anyway; optax is then imported by us, by
+  its fixed name), so :func:`verify_checkpoint` and ``as_numpy=True`` never import jax. Any other
+  NamedTuple comes back as a look-alike ``collections.namedtuple`` and any other dataclass as a
+  dict of its fields. Add your own state classes with :func:`register_checkpoint_class` (before
+  loading; usable as a class decorator). JAX arrays come back as JAX arrays on the default device
+  (``as_numpy=True``: everything as NumPy, keys as their uint32 key data);
 * with ``like`` (a state of the expected shape, e.g. the freshly initialised one), every
   container and leaf takes ``like``'s exact type (optax NamedTuples, jax arrays placed with
   ``like``'s sharding, a ``jax.ShapeDtypeStruct`` works as a leaf template), and the structure,
   shapes and dtypes must match -- every mismatch is listed by name. A subtree of ``like`` set
   to :data:`AS_SAVED` is taken from the file as is (handy for free-form metadata). Restored jax
   arrays also keep ``like``'s committed-ness, so jitted steps do not recompile after a resume.
+
+Nesting: containers may nest at most ``MAX_DEPTH`` (64) levels deep; saving a deeper state
+raises ValueError, and a file claiming a deeper structure is refused as corrupt (so a crafted
+file cannot exhaust the stack).
+
+Checkpoint directories: :func:`list_checkpoints` counts regular files named
+``step_<8+ digits>.safetensors`` and symlinks of that name to a regular file (followed; pruning
+removes the link, never its target). A dangling symlink, or a directory or other non-file under
+such a name, raises :class:`CheckpointError` naming it (during a save's pruning it is warned about
+instead, so that a save which has already succeeded does not fail). Our own temporaries
+(``.step_….tmp``) are skipped silently; any other entry gets one ``RuntimeWarning`` naming it
+("ignored: not a checkpoint").
 
 Limits: arrays are copied to host memory (``np.asarray``) when saved, so in a multi-host run
 save from one process with fully addressable (gathered) arrays. An array object referenced twice
@@ -51,8 +70,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import importlib
 import json
+import keyword
 import numbers
 import os
 import re
@@ -72,8 +91,8 @@ from bigmodel_port.weights import write_safetensors
 __all__ = [
     "AS_SAVED", "CHECKPOINT_DIR", "FORMAT_NAME", "FORMAT_VERSION", "CheckpointError",
     "checkpoint_path", "checkpoint_step", "deserialize_state", "latest_checkpoint",
-    "list_checkpoints", "load_checkpoint", "save_checkpoint", "serialize_state",
-    "verify_checkpoint",
+    "MAX_DEPTH", "list_checkpoints", "load_checkpoint", "register_checkpoint_class",
+    "save_checkpoint", "serialize_state", "verify_checkpoint",
 ]
 
 FORMAT_NAME = "bigmodel-train-state"
@@ -95,10 +114,22 @@ class _AsSaved:
 AS_SAVED = _AsSaved()
 """Put in ``like`` where a subtree should be restored as saved, without a template."""
 
-# Classes are rebuilt by name only from these packages (our own and optax): a checkpoint is data,
-# and must not be able to make us import an arbitrary module.
-_TRUSTED_MODULES = ("reference_numpy", "bigmodel_jax", "bigmodel_port", "bigmodel_train", "optax")
-_IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+MAX_DEPTH = 64
+"""Deepest container nesting saved or loaded (a legitimate state nests about a dozen levels)."""
+
+# The allow-list of classes rebuilt by name (module docstring): {(module, qualname): class}.
+# Filled lazily (_registry) so importing this module imports no config or optimizer module.
+_REGISTRY: dict[tuple[str, str], type] = {}
+_REGISTRY_READY = False
+# optax state classes, by their public name; looked up as optax.<name> (absent ones are skipped:
+# optax versions differ). The trainer's optimizers (bigmodel_jax.optim) produce the first six.
+_OPTAX_STATE_NAMES = (
+    "EmptyState", "ScaleByAdamState", "ScaleByScheduleState", "TraceState", "MultiStepsState",
+    "MaskedState", "MaskedNode", "ScaleByRmsState", "ScaleByRStdDevState", "ScaleByLionState",
+    "ScaleByAmsgradState", "ScaleByBeliefState", "InjectHyperparamsState",
+    "InjectStatefulHyperparamsState", "ApplyIfFiniteState",
+)
+_OPTAX_REGISTRY: dict[str, type] | None = None  # qualname -> class; built on first need
 
 _BIT_GENERATORS = ("PCG64", "PCG64DXSM", "MT19937", "Philox", "SFC64")
 
@@ -121,18 +152,64 @@ def _check_step(step: Any) -> int:
 def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[tuple[int, Path]]:
     """``[(step, path), ...]`` of the finished checkpoint files in ``run_dir``, by step.
 
-    Only regular files named ``step_<digits>.safetensors`` count; temporaries of an interrupted
-    save (``.step_….tmp``) and anything else in the directory are ignored. Nothing is read.
+    Counts regular files named ``step_<digits>.safetensors`` and symlinks of that name to a
+    regular file (followed). Raises :class:`CheckpointError` naming a dangling symlink, or a
+    directory or other non-file, under such a name (and if ``run_dir/checkpoints`` is not a
+    directory). Temporaries of an interrupted save (``.step_….tmp``) are skipped silently; every
+    other entry is skipped with a ``RuntimeWarning`` naming it. Nothing is read.
     """
-    directory = Path(run_dir) / CHECKPOINT_DIR
+    return _listed(run_dir, stacklevel=4)
+
+
+def _listed(run_dir: str | os.PathLike[str], stacklevel: int) -> list[tuple[int, Path]]:
+    """:func:`list_checkpoints`, warning at ``stacklevel`` (counted from here)."""
+    found, problems, foreign = _scan(Path(run_dir) / CHECKPOINT_DIR)
+    _warn_foreign(foreign, stacklevel=stacklevel)
+    if problems:
+        raise CheckpointError("; ".join(problems))
+    return found
+
+
+def _scan(directory: Path) -> tuple[list[tuple[int, Path]], list[str], list[str]]:
+    """``(checkpoints by step, problems, foreign entries)`` of a checkpoint directory: problems
+    are entries named like a checkpoint that are not (readable) files; foreign entries are
+    neither ours nor checkpoints."""
+    if not directory.exists() and not directory.is_symlink():
+        return [], [], []
     if not directory.is_dir():
-        return []
-    found = []
+        raise CheckpointError(f"{directory} is not a directory (it should hold the run's "
+                              "checkpoints)")
+    found, problems, foreign = [], [], []
     for entry in os.scandir(directory):
         m = _NAME_RE.fullmatch(entry.name)
-        if m and entry.is_file(follow_symlinks=False):
+        if m is None:
+            if not _TMP_RE.fullmatch(entry.name):
+                foreign.append(entry.path)
+            continue
+        try:
+            is_file = entry.is_file(follow_symlinks=True)  # a regular file, or a symlink to one
+            is_dir = entry.is_dir(follow_symlinks=True)
+        except OSError:  # a symlink loop, say
+            is_file = is_dir = False
+        if is_file:
             found.append((int(m.group(1)), Path(entry.path)))
-    return sorted(found)
+        elif entry.is_symlink():
+            target = os.readlink(entry.path)
+            what = "a directory" if is_dir else "nothing (dangling or unreachable)"
+            problems.append(f"{entry.path} is a symlink to {target}, which is {what}; not a "
+                            "checkpoint file (remove it or point it at a checkpoint)")
+        else:
+            kind = "a directory" if is_dir else "not a regular file"
+            problems.append(f"{entry.path} is {kind}, not a checkpoint file (remove or rename it)")
+    return sorted(found), problems, sorted(foreign)
+
+
+def _warn_foreign(foreign: list[str], stacklevel: int) -> None:
+    if foreign:
+        shown = ", ".join(foreign[:10]) + (f" and {len(foreign) - 10} more" if len(foreign) > 10
+                                           else "")
+        warnings.warn(f"ignored: not a checkpoint: {shown}", RuntimeWarning,
+                      stacklevel=stacklevel)
 
 
 def latest_checkpoint(run_dir: str | os.PathLike[str], *, valid_only: bool = False
@@ -143,7 +220,7 @@ def latest_checkpoint(run_dir: str | os.PathLike[str], *, valid_only: bool = Fal
     see :func:`verify_checkpoint`) and, if it is corrupt, warns and falls back to the next
     newest, and so on.
     """
-    found = list_checkpoints(run_dir)
+    found = _listed(run_dir, stacklevel=4)
     if not valid_only:
         return found[-1][1] if found else None
     for _, path in reversed(found):
@@ -218,7 +295,12 @@ def _remove_stale_temporaries(directory: Path) -> None:
 
 
 def _prune(run_dir: str | os.PathLike[str], step: int, keep_last: int | None) -> None:
-    found = list_checkpoints(run_dir)
+    # The save has succeeded by now: entries that list_checkpoints refuses are warned about
+    # (still named, never silent) rather than failing it.
+    found, problems, foreign = _scan(Path(run_dir) / CHECKPOINT_DIR)
+    _warn_foreign(foreign, stacklevel=4)
+    for problem in problems:
+        warnings.warn(f"{problem}; it is not pruned", RuntimeWarning, stacklevel=3)
     later = [s for s, _ in found if s > step]
     if later:
         warnings.warn(f"{Path(run_dir) / CHECKPOINT_DIR} holds checkpoints of later steps "
@@ -279,6 +361,9 @@ class _Encoder:
 
     def encode(self, x: Any, path: tuple[str, ...]) -> dict[str, Any]:
         where = "/".join(path) or "<root>"
+        if len(path) > MAX_DEPTH:  # the reader refuses deeper files; never write one
+            raise ValueError(f"cannot checkpoint the value at {where[:200]!r}: containers nest "
+                             f"deeper than {MAX_DEPTH} levels")
         if x is None:
             return {"t": "none"}
         if _is_jax_array(x):
@@ -337,29 +422,87 @@ def serialize_state(state: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     return enc.arrays, structure
 
 
+def _state_class_kind(cls: Any) -> str | None:
+    """"namedtuple" / "dataclass" for a class the checkpoint format rebuilds by name, else None."""
+    if not isinstance(cls, type):
+        return None
+    if issubclass(cls, tuple) and hasattr(cls, "_fields"):
+        return "namedtuple"
+    if dataclasses.is_dataclass(cls):
+        return "dataclass"
+    return None
+
+
+def register_checkpoint_class(cls: type) -> type:
+    """Add a NamedTuple or dataclass type to the classes that loading rebuilds by name (without
+    it, a state of ``cls`` loads as a look-alike namedtuple / a dict of its fields). Returns
+    ``cls``, so it works as a class decorator. Registering the same class again is a no-op; a
+    different class under the same module and qualified name raises ValueError."""
+    if _state_class_kind(cls) is None:
+        raise TypeError(f"register_checkpoint_class takes a NamedTuple or dataclass type, not "
+                        f"{cls!r}")
+    key = (cls.__module__, cls.__qualname__)
+    registry = _registry()
+    if registry.get(key, cls) is not cls:
+        raise ValueError(f"another class is already registered as {key[0]}.{key[1]}")
+    registry[key] = cls
+    return cls
+
+
+def _registry() -> dict[tuple[str, str], type]:
+    """The allow-list without optax: our configs and the reference optimizer states."""
+    global _REGISTRY_READY
+    if not _REGISTRY_READY:
+        from bigmodel_train.config import RunConfig  # lazily: config imports more than we need
+        from reference_numpy import configs as ref_configs
+        from reference_numpy import optim as ref_optim
+
+        classes = [ref_configs.BertConfig, ref_configs.GPTConfig, ref_configs.Seq2SeqConfig,
+                   ref_configs.ViTConfig, RunConfig, ref_optim.EmptyState,
+                   ref_optim.ScaleByScheduleState, ref_optim.TraceState,
+                   ref_optim.ScaleByAdamState, ref_optim.AddDecayedWeightsState,
+                   ref_optim.MultiStepsState]
+        for cls in classes:
+            _REGISTRY.setdefault((cls.__module__, cls.__qualname__), cls)
+        _REGISTRY_READY = True
+    return _REGISTRY
+
+
+def _optax_registry(import_optax: bool) -> dict[str, type]:
+    """optax's state classes by qualified name; empty unless optax is imported or may be
+    (``import_optax``: the caller builds jax values anyway). Only the fixed name "optax" is ever
+    imported here, never one read from a file."""
+    global _OPTAX_REGISTRY
+    if _OPTAX_REGISTRY is None:
+        optax = sys.modules.get("optax")
+        if optax is None and import_optax:
+            try:
+                import optax
+            except ImportError:
+                optax = None
+        if optax is None:
+            return {}
+        table = {}
+        for name in _OPTAX_STATE_NAMES:
+            cls = getattr(optax, name, None)
+            if _state_class_kind(cls) is not None:
+                table[cls.__qualname__] = cls
+        _OPTAX_REGISTRY = table
+    return _OPTAX_REGISTRY
+
+
 def _resolve_class(module: Any, qualname: Any, kind: str, *, allow_jax: bool = True
                    ) -> type | None:
-    """A NamedTuple / dataclass type from a trusted package, or None (then a stand-in is used).
-    ``allow_jax=False`` skips the packages that import jax (optax, bigmodel_jax)."""
-    trusted = _TRUSTED_MODULES if allow_jax else tuple(
-        m for m in _TRUSTED_MODULES if m not in ("optax", "bigmodel_jax"))
-    if not (isinstance(module, str) and isinstance(qualname, str)
-            and _IDENT_RE.fullmatch(module) and _IDENT_RE.fullmatch(qualname)
-            and module.split(".")[0] in trusted):
+    """The allow-listed class a file names by (module, qualname), or None (a stand-in is then
+    used). Pure look-up: nothing named by the file is imported. ``allow_jax=False``: optax
+    classes only if optax is already imported."""
+    if not (isinstance(module, str) and isinstance(qualname, str)):
         return None
-    try:
-        obj: Any = importlib.import_module(module)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-    except Exception:  # moved or renamed since the file was written: fall back
-        return None
-    if not isinstance(obj, type):
-        return None
-    if kind == "namedtuple" and issubclass(obj, tuple) and hasattr(obj, "_fields"):
-        return obj
-    if kind == "dataclass" and dataclasses.is_dataclass(obj):
-        return obj
-    return None
+    cls = _registry().get((module, qualname))
+    if cls is None and (module == "optax" or module.startswith("optax.")):
+        # by name within optax: its classes move between private modules across releases
+        cls = _optax_registry(import_optax=allow_jax).get(qualname)
+    return cls if cls is not None and _state_class_kind(cls) == kind else None
 
 
 class _Decoder:
@@ -371,6 +514,7 @@ class _Decoder:
         self.file = file
         self.as_numpy = as_numpy
         self.mismatches: list[str] = []
+        self.depth = 0  # containers entered; bounded by MAX_DEPTH (a crafted file may nest deeper)
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -391,6 +535,12 @@ class _Decoder:
         name = self.node_field(node, "name", str, where)
         dtype = self.node_field(node, "dtype", str, where)
         shape = tuple(self.node_field(node, "shape", list, where))
+        expected = where or "<root>"  # as the encoder names it (a top-level key "" included)
+        base, _, n = name.rpartition("#")
+        if name != expected and not (base == expected and n.isdigit()):
+            # the encoder names each array by its path: a renamed key or field would otherwise
+            # move an array to another place in the state without any error
+            raise self.corrupt(f"array {name[:200]!r} is stored for {where[:200]!r}")
         if name not in self.arrays:
             raise self.corrupt(f"array {name!r} (for {where!r}) is missing from the file")
         if dtype not in DTYPE_TAGS:
@@ -405,6 +555,16 @@ class _Decoder:
                                "after it was written)")
         return a
 
+    def wrap_key(self, data: np.ndarray, impl: str, like: Any, where: str) -> Any:
+        """A typed JAX PRNG key from its key data; a bad impl name or data shape is corrupt."""
+        import jax
+
+        try:
+            return jax.random.wrap_key_data(self.to_jax(data, like), impl=impl)
+        except (TypeError, ValueError, KeyError) as e:
+            raise self.corrupt(f"JAX PRNG key at {where!r} (impl {impl[:50]!r}) cannot be "
+                               f"rebuilt ({str(e)[:200]})") from None
+
     def to_jax(self, a: np.ndarray, like: Any = None) -> Any:
         import jax  # lazy: only states saved from jax (or a jax `like`) need it
 
@@ -417,7 +577,22 @@ class _Decoder:
 
     # -- without like -------------------------------------------------------------------------
 
+    def enter(self, where: str) -> None:
+        self.depth += 1
+        # a little slack over the encoder's bound: the root, and a generator's decode_like that
+        # re-enters decode, add levels without adding path components
+        if self.depth > MAX_DEPTH + 4:
+            raise self.corrupt(f"the structure nests deeper than {MAX_DEPTH} levels at "
+                               f"{where[:200]!r}")
+
     def decode(self, node: Any, where: str) -> Any:
+        self.enter(where)
+        try:
+            return self.decode_node(node, where)
+        finally:
+            self.depth -= 1
+
+    def decode_node(self, node: Any, where: str) -> Any:
         t = self.node_field(node, "t", str, where)
         if t == "none":
             return None
@@ -425,8 +600,13 @@ class _Decoder:
             v = node.get("v")
             expected = {"bool": bool, "int": int, "float": (float, int), "str": str}[t]
             if not isinstance(v, expected) or (t == "int" and isinstance(v, bool)):
-                raise self.corrupt(f"{t} value at {where!r} is {v!r}")
-            return float(v) if t == "float" else v
+                raise self.corrupt(f"{t} value at {where!r} is {v!r:.200}")
+            if t == "float" and isinstance(v, int):
+                try:
+                    return float(v)
+                except OverflowError:  # an int beyond float range: no float was written so
+                    raise self.corrupt(f"float value at {where!r} is out of range") from None
+            return v
         if t == "array":
             a = self.stored_array(node, where)
             kind = node.get("kind")
@@ -439,10 +619,8 @@ class _Decoder:
             data = self.stored_array(self.node_field(node, "data", dict, where), where)
             if self.as_numpy:
                 return data
-            import jax
-
             impl = self.node_field(node, "impl", str, where)
-            return jax.random.wrap_key_data(self.to_jax(data), impl=impl)
+            return self.wrap_key(data, impl, None, where)
         if t == "np_generator":
             return self.generator(self.decode(self.node_field(node, "state", dict, where),
                                               _join(where, "bit_generator")), where)
@@ -457,13 +635,14 @@ class _Decoder:
             fields = self.node_field(node, "fields", list, where)
             items = [self.decode(v, _join(where, f)) for f, v in
                      zip(fields, self.node_field(node, "items", list, where))]
-            if len(items) != len(fields) or not all(isinstance(f, str) for f in fields):
+            if len(items) != len(fields) or not _valid_field_names(fields):
                 raise self.corrupt(f"namedtuple at {where!r} has malformed fields")
             cls = _resolve_class(node.get("module"), node.get("class"), "namedtuple",
                                  allow_jax=not self.as_numpy)
             if cls is None or tuple(cls._fields) != tuple(fields):
                 name = str(node.get("class", "State")).rsplit(".", 1)[-1]
-                cls = collections.namedtuple(name if name.isidentifier() else "State", fields)
+                usable = name.isidentifier() and not keyword.iskeyword(name)
+                cls = collections.namedtuple(name if usable else "State", fields)
             return cls(*items)
         if t == "dataclass":
             raw = self.node_field(node, "fields", dict, where)
@@ -478,7 +657,8 @@ class _Decoder:
     def dict_parts(self, node: dict[str, Any], where: str) -> tuple[list[str], list[Any]]:
         keys = self.node_field(node, "keys", list, where)
         items = self.node_field(node, "items", list, where)
-        if len(keys) != len(items) or not all(isinstance(k, str) for k in keys):
+        if len(keys) != len(items) or not all(isinstance(k, str) for k in keys) \
+                or len(set(keys)) != len(keys):
             raise self.corrupt(f"dict at {where!r} has malformed keys")
         return keys, items
 
@@ -490,8 +670,9 @@ class _Decoder:
         gen = np.random.Generator(getattr(np.random, name)())
         try:
             gen.bit_generator.state = state
-        except (TypeError, ValueError, KeyError) as e:
-            raise self.corrupt(f"np.random.Generator state at {where!r} is invalid ({e})") from None
+        except (TypeError, ValueError, KeyError, OverflowError) as e:
+            raise self.corrupt(f"np.random.Generator state at {where!r} is invalid "
+                               f"({str(e)[:200]})") from None
         return gen
 
     def build_dataclass(self, cls: type, values: dict[str, Any], where: str) -> Any:
@@ -502,15 +683,22 @@ class _Decoder:
                                   f"{unknown} (written by a newer or modified version?)")
         try:
             return cls(**{k: v for k, v in values.items() if k in init})
-        except (TypeError, ValueError) as e:
+        except Exception as e:  # a constructor's own validation, whatever it raises
             raise CheckpointError(f"{self.file}: cannot rebuild {cls.__name__} at {where!r}: "
-                                  f"{e}") from None
+                                  f"{type(e).__name__}: {str(e)[:300]}") from None
 
     # -- with like ----------------------------------------------------------------------------
 
     def decode_like(self, node: Any, like: Any, where: str) -> Any:
         """``node`` rebuilt with ``like``'s types; mismatches are recorded, not raised, so that
         they can all be listed at once (the returned value is then meaningless)."""
+        self.enter(where)
+        try:
+            return self.decode_like_node(node, like, where)
+        finally:
+            self.depth -= 1
+
+    def decode_like_node(self, node: Any, like: Any, where: str) -> Any:
         if like is AS_SAVED:
             return self.decode(node, where)
         t = self.node_field(node, "t", str, where)
@@ -532,7 +720,7 @@ class _Decoder:
             if data.shape != expected.shape:
                 self.mismatch(where, f"key data shape {data.shape}, {expected.shape} expected")
                 return like
-            return jax.random.wrap_key_data(self.to_jax(data, like), impl=impl)
+            return self.wrap_key(data, impl, like, where)
         if t == "np_generator":
             if not isinstance(like, np.random.Generator):
                 self.mismatch(where, f"np.random.Generator in the checkpoint, {_describe(like)} "
@@ -640,6 +828,12 @@ class _Decoder:
         return self.to_jax(a, like)
 
 
+def _valid_field_names(fields: list[Any]) -> bool:
+    """What ``collections.namedtuple`` accepts without renaming (so the stand-in can be built)."""
+    return (all(isinstance(f, str) and f.isidentifier() and not keyword.iskeyword(f)
+                and not f.startswith("_") for f in fields) and len(set(fields)) == len(fields))
+
+
 def _join(where: str, key: str) -> str:
     return key if where == "<root>" else f"{where}/{key}"
 
@@ -714,8 +908,12 @@ def _read(path: Path) -> tuple[dict[str, str], Any, dict[str, np.ndarray]]:
         structure = json.loads(meta["structure"])
     except KeyError:
         raise CheckpointError(f"{path}: metadata has no 'structure' entry") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: the 'structure' metadata is not valid JSON ({e})") from None
+    except ValueError as e:  # JSONDecodeError, or an integer of more digits than int() takes
+        raise CheckpointError(f"{path}: the 'structure' metadata is not valid JSON "
+                              f"({str(e)[:200]})") from None
+    except RecursionError:  # json's own nesting guard; our decoder bounds depth at MAX_DEPTH
+        raise CheckpointError(f"{path}: corrupt checkpoint: the 'structure' metadata nests too "
+                              f"deeply (more than {MAX_DEPTH} levels are never written)") from None
     if not isinstance(structure, dict) or structure.get("t") != "dict":
         raise CheckpointError(f"{path}: the 'structure' metadata does not describe a dict")
     return meta, structure, read_safetensors(path, widen=False)  # bf16 / fp8 kept bit for bit

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bigmodel_port.atomic import atomic_write_text
-from reference_numpy.configs import BertConfig, GPTConfig, Seq2SeqConfig, ViTConfig
+from reference_numpy.configs import PRESETS, BertConfig, ConfigFieldError, GPTConfig, Seq2SeqConfig, ViTConfig
 
 __all__ = [
     "TASKS", "RUN_PRESETS", "RunConfig", "ConfigError", "build_config", "parse_overrides",
@@ -45,6 +45,7 @@ TASKS: dict[str, type] = {
 }
 
 SCHEDULE_KINDS = ("constant", "warmup_linear", "warmup_cosine")
+DEFAULT_ADAMW_DECAY = 0.01  # RunConfig.weight_decay=None with optimizer=adamw
 OPTIMIZERS = ("sgd", "adam", "adamw")
 BACKENDS = ("jax", "numpy")
 
@@ -78,7 +79,8 @@ class RunConfig:
     min_lr: float = 0.0  # learning rate at the end of the decay
     schedule: str = "warmup_cosine"  # "constant" | "warmup_linear" | "warmup_cosine"
     warmup_steps: int = 20  # linear warmup from 0 to lr
-    weight_decay: float = 0.01  # AdamW decoupled decay (kernels and embeddings only)
+    weight_decay: float | None = None  # AdamW decoupled decay (kernels and embeddings only); None:
+    #                                    DEFAULT_ADAMW_DECAY with adamw, no decay with sgd / adam
     clip_norm: float | None = 1.0  # global-norm gradient clipping (None: off)
     dropout: float | None = None  # override the model's dropout rate (None: keep the config's)
     mixed_precision: bool = False  # bf16 compute with float32 master weights (JAX backend only)
@@ -98,6 +100,19 @@ class RunConfig:
     tensorboard: bool = True  # TensorBoard event files next to metrics.jsonl
     sample_tokens: int = 48  # lm: tokens generated for the end-of-run sample (0: none)
     prompt: str = "def "  # lm: prompt of the end-of-run sample
+
+    def __post_init__(self) -> None:
+        # Built by hand (not through build_config) a config is checked all the same: types first
+        # (an int where a float is due is widened; a string or bool for a number is refused), then
+        # ranges and consistency (validate).
+        for name, annotation in _TYPES.items():
+            value = getattr(self, name)
+            typed = _coerce(name, value, annotation, "RunConfig")
+            if type(typed) is not type(value) and not (type(typed) is float and type(value) is int):
+                raise ConfigError(f"RunConfig: {name} must be {_type_name(annotation)}, got {value!r}")
+            if typed is not value:
+                object.__setattr__(self, name, typed)
+        validate(self)
 
     @property
     def micro_batch_size(self) -> int:
@@ -173,6 +188,13 @@ def _unknown(key: str, known: Sequence[str], what: str) -> ConfigError:
     close = difflib.get_close_matches(key, list(known), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return ConfigError(f"unknown {what} key {key!r}{hint}; known keys: {', '.join(sorted(known))}")
+
+
+def _type_name(annotation: Any) -> str:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    base = args[0] if args else annotation
+    name = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(base, "a table")
+    return name + (" or none" if type(None) in typing.get_args(annotation) else "")
 
 
 def _parse_scalar(text: str) -> Any:
@@ -289,12 +311,42 @@ def _apply(values: dict[str, Any], updates: Mapping[str, Any], where: str) -> No
 
 
 def _check_model_overrides(cfg: RunConfig) -> None:
+    """Refuse bad ``model.X`` overrides now, before any data is read.
+
+    Each key must be a field of the task's config class and its value of the field's type (the
+    coerced values are stored back). When ``cfg.model`` names a preset, the model config is built
+    as the task will build it (preset <- overrides <- the run's ``dropout`` and ``dtype``), so its
+    own validation refuses sizes, divisibility, probabilities and names, here reported by their
+    ``model.X`` keys. Fields the task takes from the data (vocabulary, classes, image size) are
+    checked again when it does. An explicit ``model.max_len`` shorter than ``seq_len`` is refused:
+    every sequence of the lm / classification / translation data is ``seq_len`` positions long.
+    """
     cls = model_config_class(cfg.task)
     known = {f.name: f for f in dataclasses.fields(cls)}
-    for key, value in cfg.model_overrides.items():
+    hints = typing.get_type_hints(cls)
+    overrides = cfg.model_overrides
+    for key, value in list(overrides.items()):
         if key not in known:
             raise _unknown(key, list(known), f"model ({cls.__name__})")
-        _coerce(f"model.{key}", value, typing.get_type_hints(cls)[key], "model override")
+        overrides[key] = _coerce(f"model.{key}", value, hints[key], "model override")
+    max_len = overrides.get("max_len")
+    if cfg.task in ("lm", "classification", "translation") and max_len is not None and max_len < cfg.seq_len:
+        raise ConfigError(f"model.max_len={max_len} is shorter than seq_len={cfg.seq_len}, the length of every "
+                          f"{cfg.task} sequence: set model.max_len >= {cfg.seq_len} or lower seq_len")
+    base = PRESETS.get(cfg.model)
+    if not isinstance(base, cls) or Path(cfg.model).is_dir():
+        return  # "minilm", an HF directory, an unknown name or another family: the task says which
+    changes = {**overrides, "dtype": cfg.dtype}
+    if cfg.dropout is not None:
+        changes["dropout"] = cfg.dropout
+    patch = changes.get("patch_size", getattr(base, "patch_size", None))
+    if cfg.task == "image" and "image_size" not in overrides and isinstance(patch, int) and patch > 0:
+        changes["image_size"] = patch  # the data sets it; the task checks that patches tile it
+    try:
+        dataclasses.replace(base, **changes)
+    except ConfigFieldError as err:
+        named = [f"model.{f}={overrides[f]!r}" for f in err.fields if f in overrides] or [f"model={cfg.model!r}"]
+        raise ConfigError(f"{', '.join(named)} (preset {cfg.model!r}): {err}") from None
 
 
 def validate(cfg: RunConfig) -> RunConfig:
@@ -337,7 +389,10 @@ def validate(cfg: RunConfig) -> RunConfig:
         need(getattr(cfg, name) >= 0, f"{name} must be >= 0, got {getattr(cfg, name)}")
     need(cfg.keep_last >= 1, f"keep_last must be >= 1, got {cfg.keep_last}")
     need(cfg.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {cfg.eval_batch_size}")
-    need(cfg.weight_decay >= 0, f"weight_decay must be >= 0, got {cfg.weight_decay}")
+    need(cfg.weight_decay is None or cfg.weight_decay >= 0, f"weight_decay must be >= 0, got {cfg.weight_decay}")
+    need(cfg.optimizer == "adamw" or not cfg.weight_decay,
+         f"weight_decay={cfg.weight_decay} is applied by optimizer=adamw only; optimizer={cfg.optimizer} would "
+         "ignore it: drop it or set weight_decay=none")
     _check_model_overrides(cfg)
     return cfg
 

@@ -7,8 +7,9 @@ under ``run_dir/tensorboard``, readable by ``tensorboard --logdir run_dir``); li
 curves (``loss.png``) and every other scalar metric (``metrics.png``) from the JSONL, so plots
 can be redrawn from any finished or interrupted run.
 
-Nothing here imports jax; matplotlib and tensorboardX are imported lazily (a run with
-``plots=false tensorboard=false`` needs neither).
+Nothing here imports jax; matplotlib and tensorboardX (the ``[train]`` extra) are imported when
+used (a run with ``plots=false tensorboard=false`` needs neither); a missing one raises
+``MissingExtraError`` naming ``pip install 'bigmodel-jax[train]'``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from bigmodel_port.atomic import atomic_write_bytes, atomic_write_text
+from bigmodel_train.extras import missing_extra
 
 __all__ = ["METRICS_FILE", "RunLogger", "read_metrics", "plot_metrics", "jsonable"]
 
@@ -65,6 +67,13 @@ class RunLogger:
 
     def __init__(self, run_dir: str | os.PathLike[str], *, tensorboard: bool = True,
                  resume_step: int | None = None) -> None:
+        summary_writer: Any = None  # tensorboardX.SummaryWriter when tensorboard
+        if tensorboard:  # imported first: a missing extra leaves the run directory untouched
+            try:
+                from tensorboardX import SummaryWriter as summary_writer
+            except ImportError as err:
+                raise missing_extra("tensorboardX", "TensorBoard logging (tensorboard=true)", err,
+                                    off="tensorboard=false") from err
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / METRICS_FILE
@@ -74,11 +83,9 @@ class RunLogger:
             self.path.unlink()  # a fresh run in an old directory starts a fresh log
         self._file = self.path.open("a", encoding="utf-8")
         self._tb = None
-        if tensorboard:
-            from tensorboardX import SummaryWriter
-
+        if summary_writer is not None:
             kw = {} if resume_step is None else {"purge_step": resume_step + 1}
-            self._tb = SummaryWriter(logdir=str(self.run_dir / TENSORBOARD_DIR), **kw)
+            self._tb = summary_writer(logdir=str(self.run_dir / TENSORBOARD_DIR), **kw)
 
     def _truncate_after(self, step: int) -> None:
         kept = [r for r in read_metrics(self.run_dir) if r.get("step", 0) <= step]
@@ -150,8 +157,10 @@ def plot_metrics(run_dir: str | os.PathLike[str]) -> list[Path]:
     """Draw ``loss.png`` (train and validation loss against step; log scale when it spans a
     decade) and ``metrics.png`` (one panel per other metric, one line per split) next to the
     run's ``metrics.jsonl``; returns the files written (none when there is nothing to plot)."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError as err:
+        raise missing_extra("matplotlib", "plots (plots=true)", err, off="plots=false") from err
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
 

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from bigmodel_train.extras import missing_extra
 from reference_numpy.losses import IGNORE_INDEX
 
 __all__ = [
@@ -503,7 +504,10 @@ def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str | Sequence[s
     passed through. The signature records these settings and the sacrebleu version, so report it
     with the score.
     """
-    from sacrebleu.metrics import BLEU  # lazy: only generation evaluation needs sacrebleu
+    try:
+        from sacrebleu.metrics import BLEU  # lazy: only generation evaluation needs sacrebleu
+    except ImportError as err:
+        raise missing_extra("sacrebleu", "BLEU (corpus_bleu)", err) from err
 
     if isinstance(hypotheses, str):
         raise ValueError("hypotheses must be a sequence of strings, not one string")

@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from bigmodel_train.config import DEFAULT_ADAMW_DECAY
 from reference_numpy import optim as ref_optim
 from reference_numpy import schedules as ref_schedules
 from reference_numpy.speed import allocator
@@ -43,7 +44,7 @@ from reference_numpy.tree import Tree, tree_flatten, tree_leaves_with_path, tree
 __all__ = [
     "StepOutput", "NonFiniteError", "make_schedule_args", "leaf_paths", "first_nonfinite",
     "flatten_state", "unflatten_state", "JaxStepper", "ReferenceStepper", "batch_size_of",
-    "split_micro_batches", "find_nonfinite_input",
+    "split_micro_batches", "find_nonfinite_input", "task_label_check", "check_micro_batch_labels",
 ]
 
 
@@ -87,10 +88,10 @@ def optimizer_args(cfg: Any) -> dict[str, Any]:
     done by the step itself (mean of micro-batch gradients), so the optimizer sees one gradient."""
     kw: dict[str, Any] = {"clip_norm": cfg.clip_norm}
     if cfg.optimizer == "adamw":
-        kw["weight_decay"] = cfg.weight_decay
-    elif cfg.weight_decay:
+        kw["weight_decay"] = DEFAULT_ADAMW_DECAY if cfg.weight_decay is None else cfg.weight_decay
+    elif cfg.weight_decay:  # RunConfig refuses this; a hand-built config may not have been checked
         raise ValueError(f"weight_decay={cfg.weight_decay} is only applied by optimizer=adamw; set "
-                         f"weight_decay=0 with optimizer={cfg.optimizer}")
+                         f"weight_decay=none with optimizer={cfg.optimizer}")
     return kw
 
 
@@ -162,6 +163,37 @@ def unflatten_state(flat: dict[str, Any], template: Any, convert: Callable[[Any,
     if extra:
         raise KeyError(f"checkpoint optimizer state has entries this optimizer lacks: {extra[:5]}")
     return tree_unflatten(values, like=template)
+
+
+def task_label_check(loss_fn: Callable[..., Any]) -> Callable[[dict[str, Any]], None] | None:
+    """The host-side label check for ``loss_fn`` when it is a task's ``jax_loss`` (a bound
+    method of an object with ``model_config``, ``ref_module()`` and ``head``, as ``Task``): the
+    family's ``reference_numpy.models.<family>.check_loss_labels(batch, config[, head])``.
+    None for any other callable (nothing to check against)."""
+    owner = getattr(loss_fn, "__self__", None)
+    config = getattr(owner, "model_config", None)
+    if config is None or not callable(getattr(owner, "ref_module", None)):
+        return None
+    check = owner.ref_module().check_loss_labels
+    head = getattr(owner, "head", None)
+    extra = () if head is None else (head,)
+    return lambda batch: check(batch, config, *extra)
+
+
+def check_micro_batch_labels(check: Callable[[dict[str, Any]], None] | None, step: int,
+                             micro_batches: Sequence[dict[str, Any]]) -> None:
+    """Run ``check`` (e.g. ``task_label_check(loss_fn)``) on each micro-batch on the host.
+
+    The compiled step traces the labels, so the loss cannot see their values: a label >= V
+    would give NaN and a stray negative one a finite wrong loss. This is one min / max per label
+    array, and raises ``ValueError`` naming the update, the micro-batch, the key and the value."""
+    if check is None:
+        return
+    for i, batch in enumerate(micro_batches):
+        try:
+            check(batch)
+        except ValueError as err:
+            raise ValueError(f"training batch of update {step} (micro-batch {i}): {err}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,11 +292,13 @@ class JaxStepper:
     """
 
     def __init__(self, loss_fn: Callable[..., Any], cfg: Any, params: Tree, *, donate: bool = True,
-                 loss_key: Any = None) -> None:
+                 loss_key: Any = None, check_labels: Callable[[dict[str, Any]], None] | None = None) -> None:
         """``loss_fn(params, batch, *, dropout_key=None, masks=None) -> scalar`` (the task's JAX
         loss; traced inside the step); ``params`` a NumPy or JAX tree (float32 master weights).
         ``loss_key``: a hashable that identifies ``loss_fn``'s computation (e.g. the model config);
-        steps with equal keys and optimizer settings share one compiled function."""
+        steps with equal keys and optimizer settings share one compiled function.
+        ``check_labels(micro_batch)``: raises ``ValueError`` on a bad label, run on the host before
+        each step (traced labels cannot be checked); None = ``task_label_check(loss_fn)``."""
         import jax
         import jax.numpy as jnp
 
@@ -278,6 +312,7 @@ class JaxStepper:
         self.params = to_jax(tree_map(np.asarray, params))
         self.opt_state = self.optimizer.init(self.params)
         self.paths = leaf_paths(self.params)
+        self.check_labels = task_label_check(loss_fn) if check_labels is None else check_labels
         floats = [x.dtype for x in jax.tree.leaves(self.params) if jnp.issubdtype(x.dtype, jnp.floating)]
         self.lr_dtype = jnp.result_type(*floats)
         cache_key = None if loss_key is None else (
@@ -291,9 +326,11 @@ class JaxStepper:
 
     def step(self, step: int, micro_batches: Sequence[dict[str, Any]],
              masks: Sequence[Tree | None] | None = None) -> StepOutput:
-        """One update; micro-batches are stacked on a leading k axis for the compiled step."""
+        """One update; micro-batches are stacked on a leading k axis for the compiled step.
+        Their labels are checked on the host first (``check_micro_batch_labels``)."""
         import jax.numpy as jnp
 
+        check_micro_batch_labels(self.check_labels, step, micro_batches)
         batches = {key: jnp.asarray(np.stack([np.asarray(b[key]) for b in micro_batches]))
                    for key in micro_batches[0]}
         stacked = None

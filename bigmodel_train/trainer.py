@@ -23,6 +23,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -33,8 +34,17 @@ from typing import Any
 import numpy as np
 
 from bigmodel_port.atomic import atomic_write_text
-from bigmodel_train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from bigmodel_train.checkpoint import (
+    CHECKPOINT_DIR,
+    checkpoint_path,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from bigmodel_train.config import RunConfig, load_run_config, save_config
+from bigmodel_train.interrupt import Interrupted, StopSignals
+from bigmodel_train.run_identity import RUN_FILE, artifact_fingerprint, check_checkpoint, ensure_run_id
+from bigmodel_train.runlock import RunLock
 from bigmodel_train.data.packing import epoch_permutation
 from bigmodel_train.logging import RunLogger, jsonable, plot_metrics
 from bigmodel_train.steps import (
@@ -49,7 +59,7 @@ from reference_numpy.tolerances import TRAJECTORY_PARITY, normwise_error, tolera
 from reference_numpy.tree import Tree, tree_leaves_with_path
 
 __all__ = ["TrainResult", "VerifyError", "BatchOrder", "train", "compare_params", "evaluate_run",
-           "load_run", "RunCorruptError"]
+           "load_run", "RunCorruptError", "SaveError", "Interrupted"]
 
 
 class VerifyError(RuntimeError):
@@ -65,6 +75,16 @@ class VerifyError(RuntimeError):
 
 class RunCorruptError(RuntimeError):
     """A run directory / checkpoint that cannot be resumed (different data or config)."""
+
+
+class SaveError(RuntimeError):
+    """A checkpoint could not be written (full disk, permissions...); earlier ones are intact."""
+
+    def __init__(self, path: Path, err: OSError, last_good: str | None) -> None:
+        self.path, self.last_good = path, last_good
+        reason = err.strerror or str(err)
+        super().__init__(f"could not write checkpoint {path}: {reason}; the last good checkpoint is "
+                         f"{last_good or 'none'} (earlier checkpoints are intact)")
 
 
 @dataclass
@@ -146,9 +166,11 @@ def _ref_masks(task: Task, cfg: RunConfig, step: int, micro: list[dict[str, Any]
     return out
 
 
-def _checkpoint_state(stepper: Any, cfg: RunConfig, task: Task, order: BatchOrder, step: int) -> dict[str, Any]:
+def _checkpoint_state(stepper: Any, cfg: RunConfig, task: Task, order: BatchOrder, step: int,
+                      identity: dict[str, str]) -> dict[str, Any]:
     rng = stepper.rng_state() if hasattr(stepper, "rng_state") else np.asarray([cfg.seed], np.int64)
     return {
+        **identity,  # run_id and the artifacts' fingerprint (run_identity.check_checkpoint)
         "params": stepper.params_numpy(),
         "opt_state": stepper.opt_state_flat(),
         "step": step,
@@ -159,8 +181,13 @@ def _checkpoint_state(stepper: Any, cfg: RunConfig, task: Task, order: BatchOrde
     }
 
 
-def _save(run_dir: Path, state: dict[str, Any], step: int, keep_last: int) -> str:
-    return str(save_checkpoint(run_dir, state, step, keep_last))
+def _save(run_dir: Path, state: dict[str, Any], step: int, keep_last: int, last_good: str | None) -> str:
+    """Write the checkpoint of ``step``; an OSError (full disk...) becomes ``SaveError`` naming
+    the file and the last good checkpoint (the atomic write left every earlier one intact)."""
+    try:
+        return str(save_checkpoint(run_dir, state, step, keep_last))
+    except OSError as err:
+        raise SaveError(checkpoint_path(run_dir, step), err, last_good or _latest(run_dir)) from err
 
 
 def train(
@@ -171,32 +198,54 @@ def train(
     stop_after: int | None = None,
     task: Task | None = None,
     out: Callable[[str], None] = print,
+    overwrite: bool = False,
 ) -> TrainResult:
-    """Train ``cfg`` into ``run_dir`` (config.json, tokenizer / vocabulary, checkpoints/,
+    """Train ``cfg`` into ``run_dir`` (config.json, run.json, tokenizer / vocabulary, checkpoints/,
     metrics.jsonl, TensorBoard events, loss.png / metrics.png, summary.json).
 
     ``resume``: continue from the latest checkpoint in ``run_dir`` (its config.json is used; the
-    given ``cfg`` may only change ``steps`` and logging / evaluation settings). ``stop_after``:
-    stop (with a checkpoint) once this many updates are done, as if interrupted.
-    Raises ``NonFiniteError`` / ``VerifyError`` (the last good checkpoint is left in place).
+    given ``cfg`` may only change ``steps`` and logging / evaluation settings; the checkpoint must
+    belong to this run and fit its model, data and tokenizer). ``overwrite``: start over,
+    deleting the run's checkpoints. ``stop_after``: stop (with a checkpoint) once this many
+    updates are done, as if interrupted.
+
+    The run directory is locked for the whole call (``RunLockedError`` if another process holds
+    it). SIGINT / SIGTERM stop the run after the current update with a checkpoint and raise
+    ``Interrupted`` (exit code 130 / 143). Raises ``NonFiniteError`` / ``VerifyError`` /
+    ``SaveError`` with the last good checkpoint left in place.
     """
-    t_start = time.time()
     run_dir = Path(run_dir)
+    saved_cfg = load_run_config(run_dir) if resume else None  # ConfigError before anything is created
+    with RunLock(run_dir), StopSignals() as stop:
+        if overwrite and not resume:
+            if (run_dir / CHECKPOINT_DIR).exists():
+                shutil.rmtree(run_dir / CHECKPOINT_DIR)
+            (run_dir / RUN_FILE).unlink(missing_ok=True)  # starting over is a new run
+        return _train_locked(cfg, run_dir, saved_cfg, stop, stop_after=stop_after, task=task, out=out)
+
+
+def _train_locked(cfg: RunConfig, run_dir: Path, saved_cfg: RunConfig | None, stop: StopSignals, *,
+                  stop_after: int | None, task: Task | None, out: Callable[[str], None]) -> TrainResult:
+    t_start = time.time()
+    resume = saved_cfg is not None
     start = 0
     state = None
-    if resume:
-        saved_cfg = load_run_config(run_dir)
+    ckpt = None
+    if saved_cfg is not None:
         _check_resume_config(saved_cfg, cfg)
         ckpt = latest_checkpoint(run_dir, valid_only=True)
         if ckpt is None:
             raise RunCorruptError(f"{run_dir}: no checkpoint to resume from (train without --resume)")
         state = load_checkpoint(ckpt, as_numpy=True)
         start = int(state["step"])
-        out(f"resuming {run_dir} from {ckpt} (step {start})")
-    run_dir.mkdir(parents=True, exist_ok=True)
     task = task or build_task(cfg, run_dir)
+    if state is not None:
+        check_checkpoint(state, ckpt, run_dir, cfg, task.model_config)
+        out(f"resuming {run_dir} from {ckpt} (step {start})")
+    identity = {"run_id": ensure_run_id(run_dir)}
     save_config(cfg, run_dir / "config.json")
     task.save_artifacts()
+    identity["artifacts"] = artifact_fingerprint(run_dir)
     splits = task.splits
     order = BatchOrder(len(splits["train"]), cfg.batch_size, cfg.seed)
     params0 = task.init_params() if state is None else state["params"]
@@ -223,12 +272,24 @@ def train(
     logger = RunLogger(run_dir, tensorboard=cfg.tensorboard, resume_step=start if resume else None)
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     pbar = _progress(cfg, start, task.unit)
-    last_ckpt: str | None = None
+    last_ckpt: str | None = None if ckpt is None else str(ckpt)
     window_loss, window_n = 0.0, 0
     units_done, timed_s = 0, 0.0
     result = TrainResult(run_dir=run_dir, step=start, unit=task.unit)
+
+    def checkpoint() -> str:
+        return _save(run_dir, _with_ref(_checkpoint_state(stepper, cfg, task, order, result.step, identity),
+                                        verifier), result.step, cfg.keep_last, last_ckpt)
+
+    def stop_if_signalled() -> None:
+        # the checkpoint of result.step is on disk when this is called
+        if stop.requested:
+            raise Interrupted(stop.signum, result.step, last_ckpt)
+
     try:
         for t in range(start, end):
+            if stop.requested:  # a signal during data preparation or the last update's bookkeeping
+                break
             batch = task.model_batch(splits["train"].batch(order.indices(t)))
             micro = split_micro_batches(batch, cfg.accumulate_steps)
             # JAX draws its dropout masks inside the compiled step from (seed, t, micro-batch);
@@ -268,26 +329,27 @@ def train(
                 pbar.update(1)
                 pbar.set_postfix_str(f"loss={res.loss:.4f} {task.unit}/s={rate:,.0f}", refresh=False)
             step = t + 1
+            result.step = step
             if step % max(cfg.log_every, 1) == 0 or step == end:
                 logger.log(step, "train", {"loss": window_loss / window_n, "lr": stepper.lr(t),
                                            "grad_norm": res.grad_norm, f"{task.unit}_per_s": rate,
                                            "elapsed_s": time.time() - t_start})
                 window_loss, window_n = 0.0, 0
+            if stop.requested:
+                break
             if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
                 m = task.evaluate(stepper.params, "val", cfg.backend)
                 logger.log(step, "val", m)
                 _write(pbar, out, f"step {step}: val {task.summary(m)}")
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step != end:
-                last_ckpt = _save(run_dir, _with_ref(_checkpoint_state(stepper, cfg, task, order, step), verifier),
-                                  step, cfg.keep_last)
-            result.step = step
+                last_ckpt = checkpoint()
         if pbar is not None:
             pbar.close()
             pbar = None
         result.throughput = units_done / timed_s if timed_s > 0 else float("nan")
-        last_ckpt = _save(run_dir, _with_ref(_checkpoint_state(stepper, cfg, task, order, result.step), verifier),
-                          result.step, cfg.keep_last)
+        last_ckpt = checkpoint()
         result.checkpoint = last_ckpt
+        stop_if_signalled()
         if result.step < cfg.steps:
             result.stopped_early = True
             out(f"stopped after step {result.step} (checkpoint {last_ckpt}); continue with --resume")
@@ -295,10 +357,12 @@ def train(
         result.val = task.evaluate(stepper.params, "val", cfg.backend)
         logger.log(result.step, "val", result.val)
         out(f"final validation ({_count(result.val)}): {task.summary(result.val)}")
+        stop_if_signalled()
         if "test" in task.splits:
             result.test = task.evaluate(stepper.params, "test", cfg.backend, max_examples=0)
             logger.log(result.step, "test", result.test)
             out(f"test ({_count(result.test)}): {task.summary(result.test)}")
+            stop_if_signalled()
         result.sample = task.sample(stepper.params, cfg.backend)
         if result.sample:
             out("sample:\n" + result.sample)
@@ -308,7 +372,7 @@ def train(
             pbar.close()
         logger.close()
         result.wall_s = time.time() - t_start
-        if cfg.plots:
+        if cfg.plots and not stop.requested:
             try:
                 written = plot_metrics(run_dir)
             except Exception as err:  # a plot must never hide the real outcome of a run
@@ -395,7 +459,9 @@ def _write_summary(result: TrainResult) -> None:
 def load_run(run_dir: str | os.PathLike[str], checkpoint: str | os.PathLike[str] | None = None,
              **overrides: Any) -> tuple[RunConfig, Task, Tree, dict[str, Any]]:
     """``(cfg, task, params, state)`` of a run directory's latest (or the given) checkpoint;
-    ``overrides`` change run-config fields that do not touch the model (e.g. max_eval_examples)."""
+    ``overrides`` change run-config fields that do not touch the model (e.g. max_eval_examples).
+    A checkpoint of another run, or one that no longer fits the run's config.json, model or
+    tokenizer, raises ``RunMismatchError`` naming what differs."""
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     if overrides:
@@ -405,21 +471,26 @@ def load_run(run_dir: str | os.PathLike[str], checkpoint: str | os.PathLike[str]
         raise RunCorruptError(f"{run_dir}: no checkpoint found")
     state = load_checkpoint(path, as_numpy=True)
     task = build_task(cfg, run_dir)
+    check_checkpoint(state, path, run_dir, cfg, task.model_config)
     return cfg, task, state["params"], state
 
 
 def evaluate_run(run_dir: str | os.PathLike[str], split: str = "val", *, checkpoint: str | None = None,
                  backend: str = "jax", max_examples: int = 0) -> tuple[Task, dict[str, Any]]:
-    """Metrics of a run's checkpoint on ``split`` (also appended to its metrics.jsonl)."""
-    cfg, task, params, state = load_run(run_dir, checkpoint, max_eval_examples=max_examples)
-    if split not in task.splits:
-        raise ValueError(f"split {split!r} not in this run's data; it has {sorted(task.splits)}")
-    if backend == "jax":  # imported on first use, like Task.jax_module: the NumPy backend needs no jax
-        from bigmodel_jax.tree import to_jax
+    """Metrics of a run's checkpoint on ``split`` (also appended to its metrics.jsonl, so the run
+    directory is locked meanwhile: ``RunLockedError`` while a trainer writes it)."""
+    if not (Path(run_dir) / "config.json").is_file():
+        load_run_config(run_dir)  # the ConfigError naming a directory that is not a run
+    with RunLock(run_dir):
+        cfg, task, params, state = load_run(run_dir, checkpoint, max_eval_examples=max_examples)
+        if split not in task.splits:
+            raise ValueError(f"split {split!r} not in this run's data; it has {sorted(task.splits)}")
+        if backend == "jax":  # imported on first use, like Task.jax_module: the NumPy backend needs no jax
+            from bigmodel_jax.tree import to_jax
 
-        params = to_jax(params)
-    m = task.evaluate(params, split, backend, max_examples=max_examples)
-    with open(Path(run_dir) / "metrics.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps({"step": int(state["step"]), "split": f"eval_{split}", "time": round(time.time(), 3),
-                            **jsonable(m)}) + "\n")
+            params = to_jax(params)
+        m = task.evaluate(params, split, backend, max_examples=max_examples)
+        with open(Path(run_dir) / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": int(state["step"]), "split": f"eval_{split}",
+                                "time": round(time.time(), 3), **jsonable(m)}) + "\n")
     return task, m

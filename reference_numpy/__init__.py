@@ -5,6 +5,6 @@ Imports nothing but NumPy and the standard library. Every layer is a ``*_forward
 """
 
 from reference_numpy import checks, configs, gradcheck, optim, schedules, tolerances, tree
+from reference_numpy.version import __version__
 
-__all__ = ["checks", "configs", "gradcheck", "optim", "schedules", "tolerances", "tree"]
-__version__ = "0.1.0"
+__all__ = ["__version__", "checks", "configs", "gradcheck", "optim", "schedules", "tolerances", "tree"]

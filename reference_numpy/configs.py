@@ -2,18 +2,102 @@
 
 Common fields carry the same names in every family: ``n_layers``, ``d_model``, ``n_heads``,
 ``d_ff``, ``vocab_size``, ``max_len``, ``dropout``, ``dtype``; decoders add ``n_kv_heads``.
-Variants are made with ``dataclasses.replace``. ``preset(name)`` returns the published sizes and
-tiny test sizes; ``param_count(config)`` derives the parameter count from the config alone
-(no allocation, so a 7B count is instant) and ``param_shapes(config)`` gives every leaf's shape
-in the shared parameter tree (per-layer leaves stacked on a leading ``L`` axis).
+Every config validates itself on construction (and so on every ``dataclasses.replace``): a bad
+size, ratio, probability, epsilon, name or flag raises ``ConfigFieldError`` (a ``ValueError``)
+naming the field, its value and what is allowed. Variants are made with ``dataclasses.replace``.
+``preset(name)`` returns the published sizes and tiny test sizes; ``param_count(config)`` derives
+the parameter count from the config alone (no allocation, so a 7B count is instant) and
+``param_shapes(config)`` gives every leaf's shape in the shared parameter tree (per-layer leaves
+stacked on a leading ``L`` axis).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
+
+from reference_numpy.layers.activations import ACTIVATIONS
+from reference_numpy.layers.embeddings import LAYOUTS as SINUSOID_LAYOUTS
+from reference_numpy.layers.rope import LAYOUTS as ROPE_LAYOUTS
+
+# --------------------------------------------------------------------------------------------
+# validation: every config checks itself in __post_init__, so a bad value is refused where it is
+# made (a preset override, a config.json, a model.X= option), not as a ZeroDivisionError or a
+# wrong shape deep inside a model. The checks read each field's annotation, so one table serves
+# all four families; the relations between fields (divisibility) are stated per family.
+
+
+class ConfigFieldError(ValueError):
+    """A model config field holds a value its family does not allow.
+
+    ``fields`` names the fields involved, the one at fault first: callers that know where the
+    value came from re-raise naming their own key (``config.json``'s ``num_attention_heads``, the
+    command line's ``model.n_heads``).
+    """
+
+    def __init__(self, message: str, fields: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.fields = fields
+
+
+# str field -> the names it accepts (the models' own tables where they have one)
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "activation": tuple(sorted(ACTIVATIONS)),
+    "norm": ("layer", "rms"),
+    "positions": ("learned", "rope"),
+    "rope_layout": ROPE_LAYOUTS,
+    "position_layout": SINUSOID_LAYOUTS,
+    # parameter dtypes NumPy can hold; bf16 compute is a PerfOptions setting, not a config one
+    "dtype": ("float32", "float64"),
+}
+_PROBABILITIES = ("dropout", "label_smoothing")  # float fields in [0, 1); other floats: finite, > 0
+
+
+def _fail(config: Any, fields: tuple[str, ...], allowed: str) -> None:
+    name = fields[0]
+    raise ConfigFieldError(f"{type(config).__name__}.{name}={getattr(config, name)!r}: {allowed}", fields)
+
+
+def _check_fields(config: Any) -> None:
+    """Type and range of every field, by its annotation: sizes are ints > 0 (``int | None``: or
+    None), floats are real numbers (probabilities in [0, 1), the others finite and > 0), flags
+    are bools and names come from ``_CHOICES``. Integral and real values of other types (NumPy
+    scalars, a JSON ``0`` for a float) are stored as plain ``int`` / ``float``."""
+    for f in dataclasses.fields(config):
+        name, value, kind = f.name, getattr(config, f.name), f.type
+        if kind in ("int", "int | None"):
+            if value is None and kind == "int | None":
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+                _fail(config, (name,), "must be an int > 0" + (" or None" if kind == "int | None" else ""))
+            object.__setattr__(config, name, int(value))
+        elif kind == "float":
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                _fail(config, (name,), "must be a real number")
+            if name in _PROBABILITIES:
+                if not 0.0 <= value < 1.0:  # NaN fails too
+                    _fail(config, (name,), "must be a probability in [0, 1)")
+            elif not (math.isfinite(value) and value > 0):
+                _fail(config, (name,), "must be finite and > 0")
+            object.__setattr__(config, name, float(value))
+        elif kind == "bool":
+            if not isinstance(value, bool):
+                _fail(config, (name,), "must be True or False")
+        elif kind == "str":
+            if value not in _CHOICES[name]:
+                _fail(config, (name,), f"must be one of {list(_CHOICES[name])}")
+        else:  # a new field needs a rule here before it can be used
+            raise TypeError(f"no validation rule for {type(config).__name__}.{name}: {kind}")
+
+
+def _check_divides(config: Any, divisor: str, dividend: str, why: str = "") -> None:
+    """``config.<divisor>`` divides ``config.<dividend>`` (both already checked to be ints > 0)."""
+    if getattr(config, dividend) % getattr(config, divisor):
+        _fail(config, (divisor, dividend), f"must divide {dividend}={getattr(config, dividend)}{why}")
+
 
 # --------------------------------------------------------------------------------------------
 # configs
@@ -38,6 +122,10 @@ class BertConfig:
     dtype: str = "float32"  # parameter dtype
 
     family = "bert"
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        _check_divides(self, "n_heads", "d_model", " (head width E = d_model / n_heads)")
 
 
 @dataclass(frozen=True)
@@ -66,13 +154,24 @@ class GPTConfig:
 
     family = "gpt"
 
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        if self.head_dim is None:
+            _check_divides(self, "n_heads", "d_model", " (head width E = d_model / n_heads; or set head_dim)")
+        if self.n_kv_heads is not None:
+            _check_divides(self, "n_kv_heads", "n_heads", " (each key/value head serves n_heads / n_kv_heads "
+                           "query heads)")
+        if self.positions == "rope" and self.e % 2:
+            which = ("head_dim",) if self.head_dim is not None else ("n_heads", "d_model")
+            _fail(self, which, f"gives head width E={self.e}; rotary positions need an even E")
+
     @property
     def kv_heads(self) -> int:
         return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
 
     @property
     def e(self) -> int:
-        return self.head_dim or self.d_model // self.n_heads
+        return self.d_model // self.n_heads if self.head_dim is None else self.head_dim
 
 
 @dataclass(frozen=True)
@@ -101,6 +200,13 @@ class Seq2SeqConfig:
 
     family = "seq2seq"
 
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        _check_divides(self, "n_heads", "d_model", " (head width E = d_model / n_heads)")
+        if self.n_kv_heads is not None:
+            _check_divides(self, "n_kv_heads", "n_heads", " (each key/value head serves n_heads / n_kv_heads "
+                           "query heads)")
+
     @property
     def decoder_layers(self) -> int:
         return self.n_layers if self.n_decoder_layers is None else self.n_decoder_layers
@@ -127,6 +233,11 @@ class ViTConfig:
     dtype: str = "float32"  # parameter dtype
 
     family = "vit"
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        _check_divides(self, "n_heads", "d_model", " (head width E = d_model / n_heads)")
+        _check_divides(self, "patch_size", "image_size", " (the patches tile the image)")
 
     @property
     def n_patches(self) -> int:

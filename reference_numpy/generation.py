@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from reference_numpy.checks import check_array, is_tracer, shape_str
 from reference_numpy.configs import GPTConfig, Seq2SeqConfig
 from reference_numpy.layers.activations import log_softmax_forward
 from reference_numpy.models import gpt, seq2seq
@@ -43,14 +44,93 @@ def decode_step(params: Tree, cache: Tree, ids: np.ndarray, pos: int, key_mask: 
                        cache_pos=pos)
 
 
-def _check(config: GPTConfig, input_ids: np.ndarray, attention_mask: Any, max_new_tokens: int) -> None:
+# --------------------------------------------------------------------------------------------
+# argument checks, shared by both packages (bigmodel_jax.generation imports them)
+
+
+def _is_int(x: Any) -> bool:
+    """A real integer: Python or NumPy int, not a bool (``True`` is an int to Python)."""
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_real(x: Any) -> bool:
+    """A real number: int or float (Python or NumPy), not a bool, not a string."""
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+
+
+def check_max_new_tokens(max_new_tokens: Any) -> None:
+    """An int >= 1: generating nothing is not a request (``generate`` refuses 0 and below)."""
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+
+
+def check_sampling_options(vocab_size: int, *, max_new_tokens: Any, temperature: Any = 0.0, top_k: Any = None,
+                           top_p: Any = None, length_penalty: Any = 1.0) -> None:
+    """The decoding settings both packages share; a bad one raises ``ValueError`` naming it.
+
+    ``max_new_tokens``: an int >= 1. ``temperature``: a finite real >= 0, 0 = greedy (argmax).
+    ``top_k``: None (off) or an int in [1, V]. ``top_p``: None (off) or a real in (0, 1].
+    ``length_penalty`` (beam search): a finite real. NaN or inf is never accepted: a NaN
+    temperature would turn every logit into NaN and the sampler would emit token 0 forever.
+    """
+    check_max_new_tokens(max_new_tokens)
+    if not _is_real(temperature) or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (not _is_int(top_k) or not 1 <= top_k <= vocab_size):
+        raise ValueError(f"top_k must be None (off) or an int in [1, {vocab_size}], got {top_k!r}")
+    if top_p is not None and (not _is_real(top_p) or not 0 < top_p <= 1):  # NaN fails 0 < top_p
+        raise ValueError(f"top_p must be None (off) or a number in (0, 1], got {top_p!r}")
+    if not _is_real(length_penalty) or not math.isfinite(length_penalty):
+        raise ValueError(f"length_penalty must be a finite number, got {length_penalty!r}")
+
+
+def check_prompt(name: str, ids: Any, attention_mask: Any = None) -> tuple[int, int]:
+    """Prompts: a (B, T0) integer array with B >= 1 rows and T0 >= 1 tokens, and, when an
+    attention mask is given (and concrete), at least one real token in every row: decoding has
+    nothing to condition on otherwise. Returns (B, T0). Token values: ``check_token_batch``."""
+    check_array(name, ids, ("B", "T"), kind="int")
+    B, T0 = ids.shape
+    if B == 0 or T0 == 0:
+        raise ValueError(f"{name} is empty (shape {shape_str((B, T0))}): generation needs at least one "
+                         f"prompt of at least one token (e.g. the BOS id)")
+    if attention_mask is not None and not is_tracer(attention_mask):
+        check_array("attention_mask", attention_mask, (B, T0))
+        empty = np.flatnonzero(~np.asarray(attention_mask).astype(bool).any(axis=1))
+        if empty.size:
+            raise ValueError(f"attention_mask marks no token in row {int(empty[0])} of {name}: every prompt "
+                             f"needs at least one real token")
+    return B, T0
+
+
+def check_request_length(prompt_len: int, max_new_tokens: int, max_len: int, prompt: str = "the prompt length"
+                         ) -> None:
+    """``prompt_len + max_new_tokens`` cache slots must fit the model's ``max_len`` (its longest
+    sequence: the learned position table, or the RoPE / sinusoidal table it was built for)."""
+    if prompt_len + max_new_tokens > max_len:
+        raise ValueError(f"{prompt} ({prompt_len}) + max_new_tokens ({max_new_tokens}) = {prompt_len + max_new_tokens} "
+                         f"is longer than the model supports (max_len={max_len}); shorten the prompt or "
+                         f"lower max_new_tokens to at most {max(max_len - prompt_len, 0)}")
+
+
+def check_lm_request(config: GPTConfig, input_ids: Any, attention_mask: Any, max_new_tokens: Any) -> None:
+    """A decoder's generation request: non-empty prompts of ids in [0, V) (``check_prompt``,
+    ``check_token_batch``), ``max_new_tokens`` >= 1, and prompt + new tokens within max_len."""
+    check_prompt("input_ids", input_ids, attention_mask)
     check_token_batch({"input_ids": input_ids, "attention_mask": attention_mask}, "input_ids",
                       config.vocab_size, config.max_len)
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if input_ids.shape[1] + max_new_tokens > config.max_len:
-        raise ValueError(f"prompt + max_new_tokens = {input_ids.shape[1] + max_new_tokens} is longer "
-                         f"than the model supports (max_len={config.max_len})")
+    check_max_new_tokens(max_new_tokens)
+    check_request_length(input_ids.shape[1], max_new_tokens, config.max_len)
+
+
+def check_seq2seq_request(config: Seq2SeqConfig, batch: dict[str, Any], max_new_tokens: Any) -> tuple[Any, Any]:
+    """An encoder-decoder's generation request: non-empty sources of ids in [0, V)
+    (``seq2seq.check_source``), ``max_new_tokens`` >= 1, and the decoder start token + new
+    tokens within max_len. Returns ``check_source``'s (ids, mask)."""
+    ids, mask = seq2seq.check_source(batch, config)
+    check_prompt("input_ids", ids, mask)
+    check_max_new_tokens(max_new_tokens)
+    check_request_length(1, max_new_tokens, config.max_len, prompt="the decoder start token")
+    return ids, mask
 
 
 # HF marks impossible candidates with this large finite score, not -inf, and adds it (in float32)
@@ -73,9 +153,9 @@ def check_decoding(vocab_size: int, *, num_beams: int = 1, num_return_sequences:
                    early_stopping: bool | str = False, eos_token_id: int | Sequence[int] | None = None,
                    pad_token_id: int | None = None) -> tuple[int, ...]:
     """Check the decoding options both packages share; returns the EOS ids as a tuple."""
-    if not 1 <= num_beams <= vocab_size:
+    if not _is_int(num_beams) or not 1 <= num_beams <= vocab_size:
         raise ValueError(f"num_beams must be in [1, {vocab_size}], got {num_beams}")
-    if not 1 <= num_return_sequences <= num_beams:
+    if not _is_int(num_return_sequences) or not 1 <= num_return_sequences <= num_beams:
         raise ValueError(f"num_return_sequences must be in [1, num_beams={num_beams}] (greedy returns one "
                          f"sequence per prompt), got {num_return_sequences}")
     if not (isinstance(early_stopping, bool) or early_stopping == "never"):
@@ -134,7 +214,7 @@ def greedy(params: Tree, input_ids: np.ndarray, config: GPTConfig, *, max_new_to
     id, as HF); decoding stops once every row has finished, so ``n <= max_new_tokens``.
     """
     input_ids = np.asarray(input_ids)
-    _check(config, input_ids, attention_mask, max_new_tokens)
+    check_lm_request(config, input_ids, attention_mask, max_new_tokens)
     eos = check_decoding(config.vocab_size, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
     B, T0 = input_ids.shape
     mask = np.ones((B, T0), bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
@@ -180,7 +260,8 @@ def beam_search(params: Tree, input_ids: np.ndarray, config: GPTConfig, *, max_n
     ``num_beams=1`` is greedy decoding, as HF's ``generate`` dispatches it.
     """
     input_ids = np.asarray(input_ids)
-    _check(config, input_ids, attention_mask, max_new_tokens)
+    check_lm_request(config, input_ids, attention_mask, max_new_tokens)
+    check_sampling_options(config.vocab_size, max_new_tokens=max_new_tokens, length_penalty=length_penalty)
     eos = check_decoding(config.vocab_size, num_beams=num_beams, num_return_sequences=num_return_sequences,
                          early_stopping=early_stopping, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
     if num_beams == 1:
@@ -358,10 +439,8 @@ def seq2seq_generate(params: Tree, batch: dict[str, Any], config: Seq2SeqConfig,
     ``suppress_tokens`` / ``forced_eos_token_id``: HF's logits rules, see ``constrain_logits``;
     Marian checkpoints use them (never pad, EOS forced at the last step). Greedy applies them to
     the logits, beam search to the log-probabilities (as HF)."""
-    ids, mask = seq2seq.check_source(batch, config)
-    if not 1 <= max_new_tokens < config.max_len:
-        raise ValueError(f"max_new_tokens must be in [1, {config.max_len - 1}] (max_len={config.max_len}), "
-                         f"got {max_new_tokens}")
+    ids, mask = check_seq2seq_request(config, batch, max_new_tokens)
+    check_sampling_options(config.vocab_size, max_new_tokens=max_new_tokens, length_penalty=length_penalty)
     B, W = ids.shape[0], num_beams
     eos = check_decoding(config.vocab_size, num_beams=W, num_return_sequences=num_return_sequences,
                          early_stopping=early_stopping, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
@@ -395,7 +474,8 @@ def seq2seq_generate(params: Tree, batch: dict[str, Any], config: Seq2SeqConfig,
 
 
 def hf_generate(params: Tree, inputs: dict[str, Any], config: GPTConfig | Seq2SeqConfig, *,
-                max_new_tokens: int = 20, do_sample: bool = False, num_beams: int = 1,
+                max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
+                top_k: int | None = None, top_p: float | None = None, num_beams: int = 1,
                 length_penalty: float = 1.0, early_stopping: bool | str = False, num_return_sequences: int = 1,
                 eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
                 decoder_start_token_id: int | None = None, suppress_tokens: Sequence[int] = (),
@@ -404,8 +484,13 @@ def hf_generate(params: Tree, inputs: dict[str, Any], config: GPTConfig | Seq2Se
 
     ``inputs``: ``input_ids`` (B, T0) and optional ``attention_mask``. Returns (B * R, T0 + n) ids
     for a decoder, (B * R, 1 + n) starting with ``decoder_start_token_id`` for an encoder-decoder.
-    The reference has no sampling (``do_sample=True`` is refused: use ``bigmodel_jax``).
+    The reference has no sampling (``do_sample=True`` is refused: use ``bigmodel_jax``);
+    ``temperature`` / ``top_k`` / ``top_p`` are taken for the same signature as
+    ``bigmodel_jax.generation.hf_generate`` and checked by the same rules
+    (``check_sampling_options``), and, as in HF, read only when sampling.
     """
+    check_sampling_options(config.vocab_size, max_new_tokens=max_new_tokens, temperature=temperature,
+                           top_k=top_k, top_p=top_p, length_penalty=length_penalty)
     if do_sample:
         raise ValueError("the NumPy reference decodes greedily or by beam search; sample with bigmodel_jax")
     beam = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, length_penalty=length_penalty,

@@ -22,6 +22,7 @@ gradient accumulation.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,34 @@ from reference_numpy.checks import is_tracer, check_array, check_same_dtype, sha
 from reference_numpy.layers.activations import sigmoid
 
 IGNORE_INDEX = -100  # the label every loss skips (PyTorch's CrossEntropyLoss default, as in HF)
+
+
+def check_labels(
+    labels: Any, n_classes: int, name: str = "labels", ignore_index: int | None = IGNORE_INDEX,
+    shape: Sequence[int | str | None] | None = None,
+) -> None:
+    """Integer class labels: each in ``[0, n_classes)`` or equal to ``ignore_index`` (None: no
+    label is ignored). The one label check of every loss, on both sides and in every family.
+
+    ``shape`` (optional) is checked as ``check_array`` does. Values are checked when they are
+    known: a JAX tracer has none, so under ``jit`` the caller checks the concrete labels on the
+    host before tracing (the models' ``loss_and_grad`` and the training step do). Cheap when
+    the labels are valid: one min and one max.
+    """
+    check_array(name, labels, shape, kind="int")
+    if is_tracer(labels) or np.size(labels) == 0:
+        return
+    lab = np.asarray(labels).astype(np.int64, copy=False)  # uint labels compare safely with -100
+    if lab.min() >= 0 and lab.max() < n_classes:
+        return
+    bad = (lab < 0) | (lab >= n_classes)
+    if ignore_index is not None:
+        bad &= lab != ignore_index
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        allowed = f"[0, {n_classes})" + ("" if ignore_index is None else f" or equal ignore_index ({ignore_index})")
+        raise ValueError(f"{name} must lie in {allowed}, found label {int(lab[where])} "
+                         f"at {name}[{', '.join(map(str, where))}]")
 
 
 def check_cross_entropy_args(logits: Any, labels: Any, ignore_index: int, label_smoothing: float) -> None:
@@ -44,15 +73,7 @@ def check_cross_entropy_args(logits: Any, labels: Any, ignore_index: int, label_
         )
     if not (np.isscalar(label_smoothing) and 0.0 <= label_smoothing <= 1.0):
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
-    if is_tracer(labels) or np.size(labels) == 0:
-        return
-    V = logits.shape[-1]
-    lab = np.asarray(labels)
-    bad = lab[(lab != ignore_index) & ((lab < 0) | (lab >= V))]
-    if bad.size:
-        raise ValueError(
-            f"labels must lie in [0, {V}) or equal ignore_index ({ignore_index}), found label {int(bad[0])}"
-        )
+    check_labels(labels, logits.shape[-1], "labels", ignore_index)
 
 
 def cross_entropy_forward(

@@ -459,6 +459,84 @@ def test_offsets_inconsistent_with_shape(tmp_path):
         read_safetensors(path)
 
 
+def _with_header(data: bytes, header: bytes, length: int | None = None) -> bytes:
+    """``data`` (a safetensors file) with its JSON header replaced by ``header`` (and its length
+    field by ``length``, default the new header's length)."""
+    n = int.from_bytes(data[:8], "little")
+    length = len(header) if length is None else length
+    return length.to_bytes(8, "little", signed=length < 0) + header + data[8 + n:]
+
+
+def _edit_header(data: bytes, edit) -> bytes:
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    edit(header)
+    return _with_header(data, json.dumps(header).encode())
+
+
+def _set(path: list, value):
+    def edit(header):
+        node = header
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+    return edit
+
+
+def _malformed(what: str, data: bytes) -> bytes:
+    """The good file's bytes ``data`` broken as ``what`` says."""
+    n = int.from_bytes(data[:8], "little")
+    header = data[8:8 + n]
+    a_end = json.loads(header)["a"]["data_offsets"][1]
+    deep = b"[" * 100_000 + b"]" * 100_000
+    return {
+        "huge header length": lambda: (2**63 + 5).to_bytes(8, "little") + data[8:],
+        "negative header length": lambda: _with_header(data, header, -8),
+        "header length past EOF": lambda: _with_header(data, b"{}", len(data)),
+        "header a JSON list": lambda: _with_header(data, b"[1, 2, 3]"),
+        "header a JSON string": lambda: _with_header(data, b'"a"'),
+        "100000-deep JSON": lambda: _with_header(data, deep),
+        "100000-deep metadata": lambda: _with_header(data, b'{"__metadata__": ' + deep + b"}"),
+        "a 5000-digit integer": lambda: _with_header(
+            data, header.replace(b"[0,", b"[" + b"1" * 5000 + b",", 1)),
+        # b (float64, 24 bytes) comes first, a (400 bytes) after it: start a inside b
+        "offsets overlapping": lambda: _edit_header(
+            data, _set(["a", "data_offsets"], [a_end - 408, a_end - 8])),
+        "offsets out of bounds": lambda: _edit_header(
+            data, _set(["b", "data_offsets"], [a_end, a_end + 10**6])),
+        "offsets reversed": lambda: _edit_header(
+            data, _set(["b", "data_offsets"], [a_end + 24, a_end])),
+        "unknown dtype": lambda: _edit_header(data, _set(["b", "dtype"], "C64")),
+        "negative shape": lambda: _edit_header(data, _set(["b", "shape"], [-3])),
+        "metadata value not a string": lambda: _edit_header(data, _set(["__metadata__", "k"], 5)),
+        "metadata a list": lambda: _edit_header(data, _set(["__metadata__"], ["k"])),
+    }[what]()
+
+
+# (how the header is broken, what the error message must say after the file's name)
+_MALFORMED = [
+    ("huge header length", "header length"), ("negative header length", "header length"),
+    ("header length past EOF", "beyond the file size"), ("header a JSON list", "not an object"),
+    ("header a JSON string", "not an object"), ("100000-deep JSON", "nests too deeply"),
+    ("100000-deep metadata", "nests too deeply"), ("a 5000-digit integer", "not valid JSON"),
+    ("offsets overlapping", "overlap"), ("offsets out of bounds", "beyond"),
+    ("offsets reversed", "data_offsets"), ("unknown dtype", "dtype 'C64'"),
+    ("negative shape", "shape"), ("metadata value not a string", "__metadata__"),
+    ("metadata a list", "__metadata__"),
+]
+
+
+@pytest.mark.parametrize("what,match", _MALFORMED, ids=[w for w, _ in _MALFORMED])
+def test_malformed_headers_raise_checkpoint_error_naming_the_file(tmp_path, what, match):
+    path = tmp_path / "model.safetensors"
+    write_safetensors(path, {"a": np.arange(100, dtype=np.float32), "b": np.ones(3)}, {"k": "v"})
+    path.write_bytes(_malformed(what, path.read_bytes()))
+    for read in (read_safetensors, read_safetensors_metadata, lambda p: load_state_dict(p.parent),
+                 load_native):
+        with pytest.raises(CheckpointError, match=re.escape(str(path)) + ".*" + match):
+            read(path)
+
+
 # --------------------------------------------------------------------------------------------
 # PyTorch pickles
 
@@ -669,6 +747,112 @@ def test_npz_errors(tmp_path):
     garbage.write_bytes(b"PK\x03\x04 this is not a zip")
     with pytest.raises(CheckpointError, match=re.escape(str(garbage))):
         load_npz(garbage)
+
+
+def test_native_checksums_catch_damaged_data_and_header(tmp_path):
+    config = preset("gpt2-tiny")
+    tree = {"w": np.arange(64, dtype=np.float32).reshape(8, 8), "extra": {"n": np.arange(3)}}
+    path = save_native(tmp_path / "m.safetensors", tree, config)
+    good = path.read_bytes()
+    damaged = bytearray(good)
+    damaged[-5] ^= 0x10  # one bit of w's data (stored last): still a well-formed file
+    path.write_bytes(bytes(damaged))
+    read_safetensors(path)  # the format itself cannot tell...
+    with pytest.raises(CheckpointError, match=re.escape(str(path)) + ".*'w' fails its CRC-32"):
+        load_native(path)  # ...the checksum can
+
+    # same bytes under another dtype (F32 -> I32: same length, so the header stays valid)
+    path.write_bytes(good.replace(b'"dtype":"F32"', b'"dtype":"I32"', 1))
+    with pytest.raises(CheckpointError, match="'w' fails its CRC-32"):
+        load_native(path)
+
+    # a file written before checksums were recorded still loads
+    path.write_bytes(good)
+    _rewrite_meta(path, crc32=None)
+    loaded, _, meta = load_native(path)
+    assert "crc32" not in meta
+    _assert_tree_equal(loaded, tree)
+    _rewrite_meta(path, crc32="[1, 2]")
+    with pytest.raises(CheckpointError, match="'crc32' metadata"):
+        load_native(path)
+    with pytest.raises(ValueError, match="reserved"):
+        save_native(tmp_path / "x.safetensors", tree, config, extra_metadata={"crc32": "{}"})
+
+
+@pytest.mark.parametrize("kind", ["native", "npz"])
+def test_integer_arrays_at_float_parameters_are_refused_unless_cast(tmp_path, kind):
+    config = preset("gpt2-tiny")
+    tree = _random_tree(param_shapes(config), np.random.default_rng(0))
+    ints = np.arange(tree["embed"]["embedding"].size, dtype=np.int32).reshape(
+        tree["embed"]["embedding"].shape)
+    tree["embed"]["embedding"] = ints
+    tree["final_norm"]["scale"] = np.ones_like(tree["final_norm"]["scale"], dtype=bool)
+    tree["extra"] = {"step": np.array(7, np.int64)}  # not a parameter: keeps its dtype
+    save, load = (save_native, load_native) if kind == "native" else (save_npz, load_npz)
+    path = save(tmp_path / f"m.{'safetensors' if kind == 'native' else 'npz'}", tree, config)
+    with pytest.raises(CheckpointError, match=re.escape(str(path)) + r".*'embed/embedding' is "
+                                              r"int32.*float32.*1 more.*allow_int_cast=True"):
+        load(path)
+    loaded, _, _ = load(path, allow_int_cast=True)
+    assert loaded["embed"]["embedding"].dtype == np.float32
+    np.testing.assert_array_equal(loaded["embed"]["embedding"], ints.astype(np.float32))
+    assert loaded["final_norm"]["scale"].dtype == np.float32
+    assert loaded["extra"]["step"].dtype == np.int64 and loaded["extra"]["step"] == 7
+    # a BERT head's parameters count too
+    bert_cfg = preset("bert-tiny")
+    bert_tree = {"classifier": {"kernel": np.zeros((bert_cfg.d_model, 2), np.int64)}}
+    path = save(tmp_path / f"b.{'safetensors' if kind == 'native' else 'npz'}", bert_tree, bert_cfg)
+    with pytest.raises(CheckpointError, match="'classifier/kernel' is int64"):
+        load(path)
+
+
+def _zip_with_member(path: Path, name: str, member: bytes) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
+        zf.writestr(name, member)
+        meta = _npy_bytes(np.array(json.dumps({"format": "bigmodel", "format_version": 1})))
+        zf.writestr("__bigmodel_meta__.npy", meta)
+
+
+def _npy_bytes(a: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+def test_npz_member_headers_are_checked_before_allocating(tmp_path):
+    good = _npy_bytes(np.arange(4, dtype=np.float64))
+    header_len = int.from_bytes(good[8:10], "little")
+    header, body = good[10:10 + header_len], good[10 + header_len:]
+
+    def npy_with_shape(shape: bytes) -> bytes:  # same data, another shape in the .npy header
+        h = header.replace(b"(4,)", shape, 1).rstrip(b"\n ")
+        h += b" " * (-(10 + len(h) + 1) % 64) + b"\n"
+        return good[:8] + len(h).to_bytes(2, "little") + h + body
+
+    path = tmp_path / "m.npz"
+    # a header claiming 8 TB: np.load would try to allocate it; we refuse at once
+    _zip_with_member(path, "w.npy", npy_with_shape(b"(1000000000000,)"))
+    with pytest.raises(CheckpointError,
+                       match=re.escape(str(path)) + ".*'w.npy' is corrupt.*8000000000000 bytes"):
+        load_npz(path)
+    _zip_with_member(path, "w.npy", npy_with_shape(b"(-4,)"))
+    with pytest.raises(CheckpointError, match="negative shape"):
+        load_npz(path)
+    _zip_with_member(path, "w.txt", good)
+    with pytest.raises(CheckpointError, match="'w.txt' is not a"):
+        load_npz(path)
+    _zip_with_member(path, "w.npy", good)
+    assert load_npz(path)[0]["w"].tolist() == [0.0, 1.0, 2.0, 3.0]
+    # a bit flipped in a member's data: zipfile's CRC-32 catches it
+    data = bytearray(path.read_bytes())
+    data[bytes(data).index(body) + 3] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=re.escape(str(path)) + ".*CRC"):
+        load_npz(path)
 
 
 # --------------------------------------------------------------------------------------------

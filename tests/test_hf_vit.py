@@ -324,9 +324,9 @@ def test_config_translation_reads_every_field():
     ("pooler_act", "relu", "pooler_act='relu' is not supported"),
     ("pooler_output_size", 16, "pooler_output_size=16 is not supported"),
     ("image_size", [8, 16], r"image_size=\[8, 16\] is not supported \(only square sizes\)"),
-    ("patch_size", 3, "image_size=8 is not divisible by patch_size=3"),
+    ("patch_size", 3, r"patch_size=3, image_size=8: .*must divide image_size=8"),
     ("hidden_act", "quick_gelu", "hidden_act='quick_gelu' is not supported"),
-    ("num_attention_heads", 5, "hidden_size=32 is not divisible by num_attention_heads=5"),
+    ("num_attention_heads", 5, r"num_attention_heads=5, hidden_size=32: .*must divide d_model=32"),
 ])
 def test_unsupported_config_features_are_refused(field, value, match):
     hf = {**HF_CONFIG, "image_size": 8, "model_type": "vit", field: value}

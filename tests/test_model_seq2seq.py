@@ -275,7 +275,7 @@ def test_bad_batches_raise_clear_errors(impl):
         mod.decode(params, np.zeros((1, 3, 16)), ok, config)
     with pytest.raises(ValueError, match=r"missing \['labels'\]"):
         mod.loss_and_grad(params, {k: v for k, v in ok.items() if k != "labels"}, config)
-    with pytest.raises(ValueError, match=r"labels must lie in \[0, 89\) or equal -100, found 89"):
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 89\) or equal ignore_index \(-100\), found label 89"):
         mod.loss_and_grad(params, {**ok, "labels": np.array([[89, -100]])}, config)
     with pytest.raises(ValueError, match=r"labels must have shape \(1, 2\)"):
         mod.loss_and_grad(params, {**ok, "labels": np.array([[1, 2, 3]])}, config)

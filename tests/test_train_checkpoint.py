@@ -4,16 +4,20 @@ SIGKILL in the middle of a save."""
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import functools
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
+import typing
 import warnings
 from pathlib import Path
 from typing import Any
@@ -306,6 +310,7 @@ def test_save_rejects_bad_input(tmp_path):
 # pruning and discovery
 
 
+@pytest.mark.filterwarnings("ignore:ignored. not a checkpoint:RuntimeWarning")
 def test_keep_last_pruning_and_temporaries_ignored(tmp_path):
     for step in range(1, 7):
         ck.save_checkpoint(tmp_path, {"step": step, "w": np.full(3, step)}, step=step, keep_last=3)
@@ -315,7 +320,12 @@ def test_keep_last_pruning_and_temporaries_ignored(tmp_path):
     (ckdir / ".step_00000099.safetensors.0123456789ab.tmp").write_bytes(b"partial")
     (ckdir / "step_00000098.safetensors.tmp").write_bytes(b"x")
     (ckdir / "notes.txt").write_text("hi")
-    assert ck.latest_checkpoint(tmp_path) == ckdir / "step_00000006.safetensors"
+    with pytest.warns(RuntimeWarning, match="ignored: not a checkpoint") as record:
+        assert ck.latest_checkpoint(tmp_path) == ckdir / "step_00000006.safetensors"
+    # foreign names are named; our own temporary is not
+    message = str(record[0].message)
+    assert "notes.txt" in message and "step_00000098.safetensors.tmp" in message
+    assert ".step_00000099" not in message
     # saving an earlier step (a restart from step 4): kept, warned about, later ones untouched
     with pytest.warns(RuntimeWarning, match="later steps"):
         ck.save_checkpoint(tmp_path, {"step": 2}, step=2, keep_last=2)
@@ -495,3 +505,228 @@ def test_sigkill_mid_save_leaves_a_loadable_checkpoint(tmp_path):
         run = tmp_path / f"loop{i}"
         _kill_during_saves(run, "loop", after, delay, n)
         assert _check_resumable(run, n) >= after
+
+
+# --------------------------------------------------------------------------------------------
+# classes come from an allow-list; nesting is bounded; odd directory entries are named
+
+
+def _write_raw(path: Path, arrays: dict[str, np.ndarray], structure: Any, step: int = 1) -> Path:
+    """A checkpoint file with the given (possibly crafted) structure, as save_checkpoint lays it
+    out."""
+    from bigmodel_port.weights import write_safetensors
+
+    meta = {"format": ck.FORMAT_NAME, "format_version": str(ck.FORMAT_VERSION), "step": str(step),
+            "structure": json.dumps(structure)}
+    return write_safetensors(path, arrays, meta)
+
+
+_CRAFTED = textwrap.dedent("""
+    import collections, json, sys, tempfile
+    from pathlib import Path
+    import reference_numpy
+    # a module under one of our own packages that records being imported: a prefix-based
+    # allow-list would import it
+    plugin = Path(tempfile.mkdtemp())
+    (plugin / "recorder.py").write_text("import sys; sys.stdout.write('IMPORTED recorder\\\\n')\\n"
+                                        "from typing import NamedTuple\\n"
+                                        "class State(NamedTuple):\\n    a: int\\n")
+    reference_numpy.__path__.append(str(plugin))
+    import bigmodel_train.checkpoint as ck
+
+    before = set(sys.modules)
+    state = ck.load_checkpoint(sys.argv[1], as_numpy=sys.argv[2] == "numpy")
+    imported = sorted(m for m in set(sys.modules) - before
+                      if m.split(".")[0] not in ("reference_numpy", "bigmodel_train", "bigmodel_port"))
+    named = ["reference_numpy.recorder", "bigmodel_jax.__main__", "bigmodel_apps.__main__",
+             "bigmodel_jax", "bigmodel_apps", "jax", "optax"]
+    assert not any(m in sys.modules for m in named), [m for m in named if m in sys.modules]
+    out = {k: [type(v).__module__, type(v).__name__] for k, v in state.items()}
+    out["imported"] = imported
+    print(json.dumps(out))
+""")
+
+
+@pytest.mark.parametrize("as_numpy", [True, False])
+def test_a_file_cannot_choose_what_gets_imported(tmp_path, as_numpy):
+    nt = collections.namedtuple("State", ["a"])
+    arrays, structure = ck.serialize_state({"n1": nt(1), "n2": nt(2), "n3": nt(3), "d1": nt(4),
+                                            "d2": nt(5), "ok": ref_optim.TraceState(trace=6)})
+    items = dict(zip(structure["keys"], structure["items"]))
+    for key, module, cls in (("n1", "reference_numpy.recorder", "State"),
+                             ("n2", "bigmodel_jax.__main__", "State"),
+                             ("n3", "bigmodel_apps.__main__", "main")):
+        items[key].update(module=module, **{"class": cls})
+    for key, module, cls in (("d1", "os", "system"), ("d2", "bigmodel_jax.__main__", "Config")):
+        structure["items"][structure["keys"].index(key)] = {
+            "t": "dataclass", "module": module, "class": cls,
+            "fields": {"a": items[key]["items"][0]}}
+    path = _write_raw(tmp_path / "crafted.safetensors", arrays, structure)
+    proc = subprocess.run([sys.executable, "-c", _CRAFTED, str(path),
+                           "numpy" if as_numpy else "jax"], capture_output=True, text=True,
+                          env=_child_env(), cwd=REPO_ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "IMPORTED" not in proc.stdout
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    # stand-ins: a look-alike namedtuple of the saved name (collections.namedtuple, made in the
+    # checkpoint module), a dict of a dataclass's fields
+    standin = "bigmodel_train.checkpoint"
+    assert got["n1"] == [standin, "State"] and got["n2"] == [standin, "State"]
+    assert got["n3"] == [standin, "main"]
+    assert got["d1"] == ["builtins", "dict"] and got["d2"] == ["builtins", "dict"]
+    assert got["ok"] == ["reference_numpy.optim", "TraceState"]  # allow-listed
+    if as_numpy:  # verifying / NumPy loading imports no jax at all
+        assert not [m for m in got["imported"] if m.split(".")[0] in ("jax", "optax")]
+
+
+class _UserState(typing.NamedTuple):
+    count: int
+    buf: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class _UserConfig:
+    width: int = 3
+
+
+def test_register_checkpoint_class(tmp_path):
+    state = {"user": _UserState(3, np.arange(2.0)), "cfg": _UserConfig(5)}
+    path = ck.save_checkpoint(tmp_path, state, step=1)
+    before = ck.load_checkpoint(path)
+    assert type(before["user"]) is not _UserState and before["user"]._fields == ("count", "buf")
+    assert before["cfg"] == {"width": 5}
+    assert ck.register_checkpoint_class(_UserState) is _UserState
+    ck.register_checkpoint_class(_UserConfig)
+    ck.register_checkpoint_class(_UserConfig)  # again: a no-op
+    after = ck.load_checkpoint(path)
+    assert type(after["user"]) is _UserState and after["user"].count == 3
+    assert after["cfg"] == _UserConfig(5)
+
+    impostor = typing.NamedTuple("_UserState", [("count", int)])
+    impostor.__module__, impostor.__qualname__ = _UserState.__module__, _UserState.__qualname__
+    with pytest.raises(ValueError, match="already registered"):
+        ck.register_checkpoint_class(impostor)
+    for bad in (dict, _UserConfig(1), "os.system"):
+        with pytest.raises(TypeError, match="NamedTuple or dataclass"):
+            ck.register_checkpoint_class(bad)
+
+
+def _nested(depth: int) -> Any:
+    x: Any = np.zeros(1)
+    for _ in range(depth):
+        x = {"a": x}
+    return x
+
+
+def test_nesting_is_bounded_on_save_and_load(tmp_path):
+    ck.load_checkpoint(ck.save_checkpoint(tmp_path, {"x": _nested(ck.MAX_DEPTH - 1)}, step=1))
+    with pytest.raises(ValueError, match=f"deeper than {ck.MAX_DEPTH}"):
+        ck.save_checkpoint(tmp_path, {"x": _nested(ck.MAX_DEPTH + 1)}, step=2)
+    # crafted: 100 levels (json parses it; our decoder refuses), 100000 levels (json's guard)
+    node: Any = {"t": "none"}
+    for _ in range(100):
+        node = {"t": "list", "items": [node]}
+    deep = _write_raw(tmp_path / "deep.safetensors", {}, {"t": "dict", "keys": ["x"], "items": [node]})
+    with pytest.raises(CheckpointError, match=re.escape(str(deep)) + ".*nests deeper than 64"):
+        ck.load_checkpoint(deep)
+    with pytest.raises(CheckpointError, match="nests deeper"):
+        ck.verify_checkpoint(deep)
+    with pytest.raises(CheckpointError, match="nests deeper"):
+        ck.load_checkpoint(deep, like={"x": ck.AS_SAVED})
+    from bigmodel_port.weights import write_safetensors
+
+    deeper = tmp_path / "deeper.safetensors"
+    write_safetensors(deeper, {}, {"format": ck.FORMAT_NAME, "format_version": "1", "step": "1",
+                                   "structure": '{"t": "dict", "keys": ["x"], "items": ['
+                                                + "[" * 100_000 + "]" * 100_000 + "]}"})
+    with pytest.raises(CheckpointError, match=re.escape(str(deeper)) + ".*nests too deeply"):
+        ck.load_checkpoint(deeper)
+
+
+@pytest.mark.parametrize("what,value", [
+    ("float beyond range", {"t": "float", "v": 10**400}),
+    ("namedtuple field not an identifier", {"t": "namedtuple", "module": "m", "class": "C",
+                                            "fields": ["not valid"], "items": [{"t": "none"}]}),
+    ("namedtuple class a keyword", {"t": "namedtuple", "module": "m", "class": "class",
+                                    "fields": ["a", "a"], "items": [{"t": "none"}] * 2}),
+    ("duplicate dict keys", {"t": "dict", "keys": ["a", "a"], "items": [{"t": "none"}] * 2}),
+    ("generator state overflow", {"t": "np_generator", "state": {
+        "t": "dict", "keys": ["bit_generator", "state", "has_uint32", "uinteger"],
+        "items": [{"t": "str", "v": "PCG64"},
+                  {"t": "dict", "keys": ["state", "inc"],
+                   "items": [{"t": "int", "v": 10**400}, {"t": "int", "v": 1}]},
+                  {"t": "int", "v": 0}, {"t": "int", "v": 0}]}}),
+])
+def test_malformed_structures_are_checkpoint_errors(tmp_path, what, value):
+    path = _write_raw(tmp_path / "bad.safetensors", {}, {"t": "dict", "keys": ["x"],
+                                                         "items": [value]})
+    with pytest.raises(CheckpointError, match=re.escape(str(path))):
+        ck.load_checkpoint(path)
+
+
+def test_symlinks_and_foreign_entries_in_the_checkpoint_directory(tmp_path):
+    real = ck.save_checkpoint(tmp_path / "elsewhere", {"w": np.arange(3)}, step=7)
+    ckdir = tmp_path / "run" / "checkpoints"
+    ck.save_checkpoint(tmp_path / "run", {"w": np.arange(2)}, step=1)
+    link = ckdir / "step_00000007.safetensors"
+    link.symlink_to(real)
+    # followed: it counts, and loads
+    assert ck.list_checkpoints(tmp_path / "run") == [(1, ckdir / "step_00000001.safetensors"),
+                                                     (7, link)]
+    assert ck.latest_checkpoint(tmp_path / "run", valid_only=True) == link
+    np.testing.assert_array_equal(ck.load_checkpoint(link)["w"], np.arange(3))
+    # pruning removes the link, never its target
+    ck.save_checkpoint(tmp_path / "run", {"w": np.arange(2)}, step=9, keep_last=1)
+    assert not link.is_symlink() and real.is_file()
+
+    # dangling, or to a directory: refused by name
+    dangling = ckdir / "step_00000010.safetensors"
+    dangling.symlink_to(tmp_path / "gone.safetensors")
+    with pytest.raises(CheckpointError, match=re.escape(str(dangling)) + ".*dangling"):
+        ck.list_checkpoints(tmp_path / "run")
+    with pytest.raises(CheckpointError, match=re.escape(str(dangling))):
+        ck.latest_checkpoint(tmp_path / "run")
+    # a save still succeeds (it has written its file before pruning), warning about the link
+    with pytest.warns(RuntimeWarning, match=re.escape(str(dangling)) + ".*not pruned"):
+        ck.save_checkpoint(tmp_path / "run", {"w": np.arange(2)}, step=11, keep_last=1)
+    assert dangling.is_symlink()
+    dangling.unlink()
+    to_dir = ckdir / "step_00000012.safetensors"
+    to_dir.symlink_to(tmp_path)
+    with pytest.raises(CheckpointError, match=re.escape(str(to_dir)) + ".*a directory"):
+        ck.list_checkpoints(tmp_path / "run")
+    to_dir.unlink()
+    (ckdir / "step_00000013.safetensors").mkdir()
+    with pytest.raises(CheckpointError, match="step_00000013.safetensors is a directory"):
+        ck.list_checkpoints(tmp_path / "run")
+    (ckdir / "step_00000013.safetensors").rmdir()
+
+    # anything else: one warning naming it; our own temporaries: silence
+    (ckdir / ".step_00000099.safetensors.0123456789ab.tmp").write_bytes(b"partial")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert [s for s, _ in ck.list_checkpoints(tmp_path / "run")] == [11]
+    (ckdir / "README").write_text("notes")
+    (ckdir / "step_5.safetensors").write_bytes(b"")  # too few digits: not one of ours
+    with pytest.warns(RuntimeWarning, match="ignored: not a checkpoint") as record:
+        assert [s for s, _ in ck.list_checkpoints(tmp_path / "run")] == [11]
+    assert len(record) == 1
+    assert "README" in str(record[0].message) and "step_5.safetensors" in str(record[0].message)
+
+    # a checkpoints "directory" that is a file
+    (tmp_path / "run2").mkdir()
+    (tmp_path / "run2" / "checkpoints").write_text("")
+    with pytest.raises(CheckpointError, match="not a directory"):
+        ck.list_checkpoints(tmp_path / "run2")
+
+
+def test_an_array_moved_to_another_key_is_refused(tmp_path):
+    """Arrays are named by their path; a structure whose keys were edited (one flipped byte in
+    the header) would otherwise load the array at another place without any error."""
+    arrays, structure = ck.serialize_state({"params": {"kernel": np.ones(3), "bias": np.zeros(2)}})
+    params = structure["items"][0]
+    params["keys"] = ["kernel", "biat"]
+    path = _write_raw(tmp_path / "moved.safetensors", arrays, structure)
+    with pytest.raises(CheckpointError, match=re.escape(str(path)) + ".*'params/bias' is stored "
+                                              "for 'params/biat'"):
+        ck.load_checkpoint(path)

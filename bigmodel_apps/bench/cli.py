@@ -58,16 +58,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="compute dtype; bfloat16 = mixed precision with fp32 master weights")
     g.add_argument("--set", dest="overrides", action="append", type=_override, default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set n_layers=2 (repeatable)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (default 0)")
     g = p.add_argument_group("what to measure")
-    g.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
+    g.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES),
+                   help="implementations to measure (default: all)")
     g.add_argument("--kinds", nargs="+", choices=KINDS, default=["train", "forward"],
                    help="decode applies to gpt presets (default: train forward)")
     g.add_argument("--min-time", type=float, default=3.0, help="seconds of timed calls per measurement")
-    g.add_argument("--max-reps", type=int, default=20)
-    g.add_argument("--decode-new-tokens", type=int, default=32)
-    g.add_argument("--decode-prompt-len", type=int, default=8)
-    g.add_argument("--decode-batch", type=int, default=1)
+    g.add_argument("--max-reps", type=int, default=20, help="most timed calls per measurement (default 20)")
+    g.add_argument("--decode-new-tokens", type=int, default=32, help="tokens per decode measurement (default 32)")
+    g.add_argument("--decode-prompt-len", type=int, default=8, help="prompt tokens before decoding (default 8)")
+    g.add_argument("--decode-batch", type=int, default=1, help="sequences decoded together (default 1)")
     g.add_argument("--sweep", type=int, nargs="*", default=[], metavar="B",
                    help="forward throughput at these batch sizes (the PNG plot)")
     g.add_argument("--optimisations", action="store_true",
@@ -78,13 +79,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-flop-check", action="store_true", help="skip analytic FLOPs vs XLA cost_analysis")
     g.add_argument("--matmul-n", type=int, default=2048, help="side of the matmul-peak measurement")
     g.add_argument("--bandwidth-mib", type=int, default=512, help="array size of the bandwidth measurement")
-    g.add_argument("--torch-compile-timeout", type=float, default=900.0)
+    g.add_argument("--torch-compile-timeout", type=float, default=900.0,
+                   help="seconds allowed for torch.compile before that side is skipped (default 900)")
     g = p.add_argument_group("JAX options for the headline runs (bigmodel_jax.perf.PerfOptions)")
     g.add_argument("--unrolled", action="store_true", help="Python loop over layers instead of lax.scan")
-    g.add_argument("--remat", default="none", choices=REMAT_CHOICES)
-    g.add_argument("--attention", default="einsum", choices=ATTENTION_CHOICES)
-    g.add_argument("--fused-qkv", action="store_true")
-    g.add_argument("--donate", action="store_true")
+    g.add_argument("--remat", default="none", choices=REMAT_CHOICES, help="rematerialisation policy (default none)")
+    g.add_argument("--attention", default="einsum", choices=ATTENTION_CHOICES,
+                   help="attention implementation (default einsum)")
+    g.add_argument("--fused-qkv", action="store_true", help="one fused q/k/v projection")
+    g.add_argument("--donate", action="store_true", help="donate parameter and optimizer buffers to the step")
 
 
 def _suite_options(args: argparse.Namespace, command: str) -> Any:

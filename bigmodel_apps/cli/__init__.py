@@ -8,7 +8,8 @@
 * ``bench``                      the benchmark suite (``cli.bench``)
 
 Building the parser loads no jax: a command imports the modules that load jax when it runs,
-so ``bigmodel --help`` stays fast.
+so ``bigmodel --help`` stays fast. Failures reach the shell as one ``error: …`` line and an
+exit code (``cli.errors``: 2 for bad input, 1 for a failed run, 130 / 143 for signals).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from __future__ import annotations
 import argparse
 
 from bigmodel_apps.cli import bench, check, generate, port, train, tune
+from bigmodel_apps.cli.errors import run_command
+from reference_numpy.version import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="bigmodel",
         description="Transformer models in NumPy (reference) and JAX, kept in agreement.",
     )
+    parser.add_argument("--version", action="version", version=f"bigmodel {__version__}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
     for group in (check, port, train, generate, tune, bench):
         group.add_commands(sub)
@@ -32,5 +37,5 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``bigmodel`` console script."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    return run_command(args.func, args)
 

@@ -7,6 +7,7 @@ import argparse
 import sys
 import textwrap
 
+from bigmodel_apps.cli.parsing import positive_int
 from bigmodel_port.convert import convert
 from bigmodel_port.diff import DIFF_TOLERANCE, run_diff, write_json
 from reference_numpy.tolerances import Tolerance
@@ -46,8 +47,8 @@ def _add_diff(sub: argparse._SubParsersAction) -> None:
     given.add_argument("--text", help="input text, tokenized with DIR's tokenizer")
     given.add_argument("--ids", help="input token ids, comma-separated (one sequence)")
     given.add_argument("--seed", type=int, help="random token ids (or pixels for ViT) from this seed (default 0)")
-    diff.add_argument("--length", type=int, default=8, help="tokens per sequence with --seed (default 8)")
-    diff.add_argument("--batch", type=int, default=1, help="sequences / images with --seed (default 1)")
+    diff.add_argument("--length", type=positive_int, default=8, help="tokens per sequence with --seed (default 8)")
+    diff.add_argument("--batch", type=positive_int, default=1, help="sequences / images with --seed (default 1)")
     diff.add_argument("--dtype", default="float32", choices=["float32", "float64"],
                       help="dtype of every side (default float32; float64 exposes subtle bugs)")
     diff.add_argument("--set", action="append", metavar="KEY=VALUE",
@@ -72,7 +73,7 @@ def _cmd_diff(args: argparse.Namespace) -> int:
         try:
             ids = [int(t) for t in args.ids.replace(" ", "").split(",") if t]
         except ValueError:
-            raise SystemExit(f"bigmodel diff: --ids takes comma-separated integers, got {args.ids!r}") from None
+            raise ValueError(f"--ids takes comma-separated integers, got {args.ids!r}") from None
     report = run_diff(args.model_dir, args.a, args.b, dtype=args.dtype, overrides=args.set or (), ids=ids,
                       text=args.text, seed=args.seed, length=args.length, batch_size=args.batch,
                       tolerance=tolerance)

@@ -6,14 +6,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shutil
-import sys
 import textwrap
 import time
 from pathlib import Path
 from typing import Any
 
-from bigmodel_apps.cli.parsing import IntermixedParser
+from bigmodel_apps.cli.parsing import IntermixedParser, nonnegative_int, positive_int
 from bigmodel_port.atomic import atomic_write_text
 from bigmodel_train.checkpoint import list_checkpoints
 from bigmodel_train.config import (
@@ -24,11 +22,9 @@ from bigmodel_train.config import (
     parse_overrides,
     validate,
 )
-from bigmodel_train.data.stream import DataError
 from bigmodel_train.logging import jsonable
 from bigmodel_train.metrics import format_classification_report
-from bigmodel_train.steps import NonFiniteError
-from bigmodel_train.trainer import RunCorruptError, VerifyError, evaluate_run, train
+from bigmodel_train.trainer import evaluate_run, train
 
 RUN_PRESETS_HELP = ", ".join(RUN_PRESETS)  # for the help texts of train and tune
 
@@ -55,7 +51,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
             target); image: digits | file.npz (images, labels) | images.npy,labels.npy
 
             examples:
-              bigmodel train vit-digits                       # ViT on sklearn digits
+              bigmodel train vit-digits                       # ViT on the shipped 8x8 digits
               bigmodel train gpt-stdlib steps=300 lr=1e-3 --verify-steps 3
               bigmodel train minilm-docstrings --run-dir runs/cls
               bigmodel train task=lm model=llama-tiny data=notes.txt tokenizer=byte seq_len=64
@@ -75,7 +71,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", choices=["jax", "numpy"], help="jax (default) or the NumPy reference trainer")
     p.add_argument("--steps", type=int, help="number of optimizer updates (same as steps=N)")
     p.add_argument("--seed", type=int, help="seed of init, data order and dropout (same as seed=N)")
-    p.add_argument("--stop-after", type=int, metavar="K",
+    p.add_argument("--stop-after", type=positive_int, metavar="K",
                    help="stop with a checkpoint after K updates, as if interrupted (then --resume)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
@@ -96,11 +92,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
               bigmodel eval runs/vit-digits --split test
               bigmodel eval runs/gpt-stdlib --max-examples 256 --json val.json"""),
     )
-    p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--split", default="val", help="train, val or test (default val)")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run directory written by `bigmodel train`")
+    p.add_argument("--split", default="val", choices=["train", "val", "test"], help="split to score (default val)")
     p.add_argument("--checkpoint", metavar="PATH", help="a checkpoint file (default: the latest)")
     p.add_argument("--backend", choices=["jax", "numpy"], default="jax", help="implementation to run")
-    p.add_argument("--max-examples", type=int, default=0, help="evaluate the first N examples only (0: all)")
+    p.add_argument("--max-examples", type=nonnegative_int, default=0,
+                   help="evaluate the first N examples only (0: all)")
     p.add_argument("--json", metavar="PATH", help="also write the metrics as JSON")
     p.set_defaults(func=_cmd_eval)
 
@@ -134,11 +131,11 @@ def _train_config(args: argparse.Namespace) -> Any:
     preset = args.preset
     if assignments and "=" not in assignments[0]:
         if preset is not None:
-            raise SystemExit(f"bigmodel train: two presets given ({preset!r} and {assignments[0]!r})")
+            raise ConfigError(f"two presets given ({preset!r} and {assignments[0]!r})")
         preset = assignments.pop(0)
     bad = [a for a in assignments if "=" not in a]
     if bad:
-        raise SystemExit(f"bigmodel train: {bad[0]!r} is not key=value (e.g. lr=3e-4 or model.d_model=64)")
+        raise ConfigError(f"{bad[0]!r} is not key=value (e.g. lr=3e-4 or model.d_model=64)")
     for flag, key in (("verify_steps", "verify_steps"), ("backend", "backend"), ("steps", "steps"),
                       ("seed", "seed")):
         value = getattr(args, flag, None)
@@ -155,48 +152,37 @@ def _default_run_dir(cfg: Any, preset: str | None) -> str:
 
 def _run_training(cfg: Any, run_dir: str, *, resume: bool, stop_after: int | None = None,
                   overwrite: bool = False) -> int:
-    """Train and map the failures to exit codes: 1 for divergence / non-finite values."""
-    if not resume and list_checkpoints(run_dir):
-        if not overwrite:
-            print(f"bigmodel train: {run_dir} already holds checkpoints; continue it with --resume, start over "
-                  f"with --overwrite, or pick another --run-dir", file=sys.stderr)
-            return 2
-        shutil.rmtree(Path(run_dir) / "checkpoints")
-    try:
-        train(cfg, run_dir, resume=resume, stop_after=stop_after)
-    except (VerifyError, NonFiniteError, RunCorruptError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except (ConfigError, DataError, FileNotFoundError) as err:  # bad settings or bad data: say which
-        print(f"bigmodel train: {err}", file=sys.stderr)
-        return 2
+    """Train; failures reach the shell through ``cli.errors`` (2: bad input, 1: a failed run,
+    130 / 143: interrupted after a checkpoint)."""
+    if not resume and not overwrite and list_checkpoints(run_dir):
+        raise ConfigError(f"{run_dir} already holds checkpoints; continue it with --resume, start over with "
+                          "--overwrite, or pick another --run-dir")
+    train(cfg, run_dir, resume=resume, stop_after=stop_after, overwrite=overwrite)
     return 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    try:
-        if args.resume and not args.run_dir:
-            cfg, preset = _train_config(args)
-            args.run_dir = _default_run_dir(cfg, preset)
-        if args.resume and (Path(args.run_dir) / "config.json").exists():
-            # the run's own config; command-line key=value may change steps / logging only
-            saved = load_run_config(args.run_dir)
-            changes = parse_overrides([a for a in (args.assignments or []) if "=" in a])
-            for flag in ("steps", "verify_steps"):
-                if getattr(args, flag, None) is not None:
-                    changes[flag] = getattr(args, flag)
-            if args.no_progress:
-                changes["progress"] = False
-            unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(saved)})
-            if unknown:
-                raise ConfigError(f"unknown run-config keys {unknown}")
-            cfg, run_dir = validate(dataclasses.replace(saved, **changes)), args.run_dir
-        else:
-            cfg, preset = _train_config(args)
-            run_dir = args.run_dir or _default_run_dir(cfg, preset)
-    except ConfigError as err:
-        print(f"bigmodel train: {err}", file=sys.stderr)
-        return 2
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume continues a run and --overwrite starts it over: pass one of them")
+    if args.resume and not args.run_dir:
+        cfg, preset = _train_config(args)
+        args.run_dir = _default_run_dir(cfg, preset)
+    if args.resume and (Path(args.run_dir) / "config.json").exists():
+        # the run's own config; command-line key=value may change steps / logging only
+        saved = load_run_config(args.run_dir)
+        changes = parse_overrides([a for a in (args.assignments or []) if "=" in a])
+        for flag in ("steps", "verify_steps"):
+            if getattr(args, flag, None) is not None:
+                changes[flag] = getattr(args, flag)
+        if args.no_progress:
+            changes["progress"] = False
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(saved)})
+        if unknown:
+            raise ConfigError(f"unknown run-config keys {unknown}")
+        cfg, run_dir = validate(dataclasses.replace(saved, **changes)), args.run_dir
+    else:
+        cfg, preset = _train_config(args)
+        run_dir = args.run_dir or _default_run_dir(cfg, preset)
     return _run_training(cfg, run_dir, resume=args.resume, stop_after=args.stop_after, overwrite=args.overwrite)
 
 
@@ -243,11 +229,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         assignments.append(f"steps={args.steps}")
     if args.no_progress:
         assignments.append("progress=false")
-    try:
-        cfg = build_config("demo", None, assignments)
-    except ConfigError as err:
-        print(f"bigmodel demo: {err}", file=sys.stderr)
-        return 2
+    cfg = build_config("demo", None, assignments)
     print("bigmodel demo: a small GPT on the Python standard library's source (BPE vocabulary trained on it), "
           f"{cfg.steps} steps; the first {cfg.verify_steps} steps are checked against the NumPy reference.")
     start = time.time()

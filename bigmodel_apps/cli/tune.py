@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import textwrap
 from pathlib import Path
 
 from bigmodel_apps.cli.parsing import IntermixedParser
 from bigmodel_apps.cli.train import RUN_PRESETS_HELP
 from bigmodel_train.config import ConfigError, build_config
-from bigmodel_train.data.stream import DataError
 from bigmodel_train.tune import grid_trials, parse_grid, parse_random, random_trials, tune
 
 
@@ -69,22 +67,19 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     preset = args.preset
     if specs and "=" not in specs[0]:
         if preset is not None:
-            print(f"bigmodel tune: two presets given ({preset!r} and {specs[0]!r})", file=sys.stderr)
-            return 2
+            raise ConfigError(f"two presets given ({preset!r} and {specs[0]!r})")
         preset = specs.pop(0)
     fixed = list(args.set or [])
     if args.no_progress:
         fixed.append("progress=false")
-    try:
-        if args.random is not None:
-            task = build_config(preset, args.config, fixed).task  # which model.<field> keys are ints
-            trials = random_trials(parse_random(specs), args.random, args.search_seed, task)
-        else:
-            trials = grid_trials(parse_grid(specs))
-        run_dir = args.run_dir or str(Path("runs") / f"tune-{preset or 'config'}")
-        result = tune(trials, run_dir, preset=preset, config_file=args.config, fixed=fixed, metric=args.metric,
-                      mode=args.mode, overwrite=args.overwrite, trial_out=print if args.verbose else None)
-    except (ConfigError, DataError, FileExistsError, FileNotFoundError) as err:
-        print(f"bigmodel tune: {err}", file=sys.stderr)
-        return 2
+    if args.random is not None:
+        if args.random < 1:
+            raise ConfigError(f"--random takes a number of trials >= 1, got {args.random}")
+        task = build_config(preset, args.config, fixed).task  # which model.<field> keys are ints
+        trials = random_trials(parse_random(specs), args.random, args.search_seed, task)
+    else:
+        trials = grid_trials(parse_grid(specs))
+    run_dir = args.run_dir or str(Path("runs") / f"tune-{preset or 'config'}")
+    result = tune(trials, run_dir, preset=preset, config_file=args.config, fixed=fixed, metric=args.metric,
+                  mode=args.mode, overwrite=args.overwrite, trial_out=print if args.verbose else None)
     return 0 if result.best is not None else 1

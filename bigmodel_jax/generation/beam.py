@@ -46,7 +46,7 @@ def beam_search(
     ``reference_numpy.generation.beam_search``.
     """
     input_ids = jnp.asarray(input_ids)
-    _check_generate_args(config, input_ids, attention_mask, max_new_tokens, 0.0, None, None)
+    _check_generate_args(config, input_ids, attention_mask, max_new_tokens, 0.0, None, None, length_penalty)
     eos = check_decoding(config.vocab_size, num_beams=num_beams, num_return_sequences=num_return_sequences,
                          early_stopping=early_stopping, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
     if num_beams == 1:

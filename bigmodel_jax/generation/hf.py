@@ -11,6 +11,7 @@ from bigmodel_jax.generation.beam import beam_search
 from bigmodel_jax.generation.sampling import generate
 from bigmodel_jax.generation.seq2seq import seq2seq_generate
 from reference_numpy.configs import GPTConfig, Seq2SeqConfig
+from reference_numpy.generation import check_sampling_options
 
 Tree = dict[str, Any]
 
@@ -27,8 +28,12 @@ def hf_generate(params: Tree, inputs: dict[str, Any], config: GPTConfig | Seq2Se
 
     ``do_sample=True`` samples (decoders) from softmax(logits / temperature) within ``top_k`` /
     ``top_p`` with ``jax.random.key(seed)``; the draws are JAX's, not PyTorch's, so sampled
-    tokens differ from HF's while greedy and beam tokens are the same.
+    tokens differ from HF's while greedy and beam tokens are the same. Every setting is checked
+    (``check_sampling_options``) whichever mode reads it: a NaN temperature is refused even
+    without sampling.
     """
+    check_sampling_options(config.vocab_size, max_new_tokens=max_new_tokens, temperature=temperature,
+                           top_k=top_k, top_p=top_p, length_penalty=length_penalty)
     beam = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, length_penalty=length_penalty,
                 early_stopping=early_stopping, num_return_sequences=num_return_sequences,
                 eos_token_id=eos_token_id, pad_token_id=pad_token_id)

@@ -26,10 +26,14 @@ from bigmodel_jax.generation.layout import DECODE_LAYOUT, decode_params
 from bigmodel_jax.generation.step import decode_step
 from bigmodel_jax.models.gpt import init_cache, init_layer_caches
 from bigmodel_jax.perf import PerfOptions
-from reference_numpy.checks import check_array
 from reference_numpy.configs import GPTConfig
-from reference_numpy.generation import check_decoding, greedy_fill
-from reference_numpy.models.common import check_token_batch
+from reference_numpy.generation import (
+    check_decoding,
+    check_lm_request,
+    check_prompt,  # noqa: F401 (re-exported by bigmodel_jax.generation)
+    check_sampling_options,
+    greedy_fill,
+)
 
 Tree = dict[str, Any]
 
@@ -53,21 +57,13 @@ def filter_logits(logits: jax.Array, top_k: int | None, top_p: float | None) -> 
 
 
 def _check_generate_args(config: GPTConfig, input_ids: Any, attention_mask: Any, max_new_tokens: int,
-                         temperature: float, top_k: int | None, top_p: float | None) -> None:
-    check_token_batch({"input_ids": input_ids, "attention_mask": attention_mask}, "input_ids",
-                      config.vocab_size, config.max_len)
-    total = input_ids.shape[1] + max_new_tokens
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if total > config.max_len:
-        raise ValueError(f"prompt + max_new_tokens = {total} is longer than the model supports "
-                         f"(max_len={config.max_len})")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and not 1 <= top_k <= config.vocab_size:
-        raise ValueError(f"top_k must be in [1, {config.vocab_size}], got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+                         temperature: float, top_k: int | None, top_p: float | None,
+                         length_penalty: float = 1.0) -> None:
+    """The request and the settings, by the checks the NumPy reference uses (one set of rules):
+    non-empty prompts within max_len, no NaN / inf / out-of-range setting."""
+    check_lm_request(config, input_ids, attention_mask, max_new_tokens)
+    check_sampling_options(config.vocab_size, max_new_tokens=max_new_tokens, temperature=temperature,
+                           top_k=top_k, top_p=top_p, length_penalty=length_penalty)
 
 
 def generate(
@@ -172,7 +168,3 @@ def token_loop(step, choose, last_logits: jax.Array, cache: Tree, max_new_tokens
     n, _, _, _, toks = jax.lax.while_loop(cond, body, carry)
     return toks, n
 
-
-def check_prompt(name: str, ids: Any) -> None:
-    """Prompts are (B, T0) integer arrays."""
-    check_array(name, ids, ("B", "T"), kind="int")

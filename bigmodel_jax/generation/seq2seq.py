@@ -15,8 +15,15 @@ from bigmodel_jax.generation.sampling import token_loop
 from bigmodel_jax.generation.step import seq2seq_decode_step
 from bigmodel_jax.models import seq2seq as s2s_model
 from reference_numpy.configs import Seq2SeqConfig
-from reference_numpy.generation import beam_fill, beam_rules, check_decoding, check_logits_rules, greedy_fill
-from reference_numpy.models.seq2seq import check_source
+from reference_numpy.generation import (
+    beam_fill,
+    beam_rules,
+    check_decoding,
+    check_logits_rules,
+    check_sampling_options,
+    check_seq2seq_request,
+    greedy_fill,
+)
 
 Tree = dict[str, Any]
 
@@ -46,10 +53,8 @@ def seq2seq_generate(
     Marian checkpoints use them (never pad, EOS forced at the last step). Greedy applies them to
     the logits, beam search to the log-probabilities (as HF).
     """
-    ids, mask = check_source(batch, config)
-    if not 1 <= max_new_tokens < config.max_len:
-        raise ValueError(f"max_new_tokens must be in [1, {config.max_len - 1}] (max_len={config.max_len}), "
-                         f"got {max_new_tokens}")
+    ids, mask = check_seq2seq_request(config, batch, max_new_tokens)
+    check_sampling_options(config.vocab_size, max_new_tokens=max_new_tokens, length_penalty=length_penalty)
     eos = check_decoding(config.vocab_size, num_beams=num_beams, num_return_sequences=num_return_sequences,
                          early_stopping=early_stopping, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
     suppress = check_logits_rules(config.vocab_size, num_beams, suppress_tokens, forced_eos_token_id)

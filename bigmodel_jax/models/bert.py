@@ -209,7 +209,10 @@ def loss(
 ) -> jax.Array:
     """The head's mean loss (see ``reference_numpy.models.bert``); -100 labels are ignored, and
     a question-answering position equal to T (answer outside the window) is ignored (dropout
-    and ``perf``: see ``forward``; the loss reads fp32 logits under mixed precision)."""
+    and ``perf``: see ``forward``; the loss reads fp32 logits under mixed precision). Other
+    targets raise when concrete; under ``jit`` their values are unknown, so a caller that jits
+    this checks them on the host first (``reference_numpy.models.bert.check_loss_labels``;
+    ``loss_and_grad`` and the training step do)."""
     check_batch(batch, config, head, with_labels=True)
     if head == "mlm" and resolve(perf).mlm_capacity is not None:
         check_params(params, head, config)

@@ -32,7 +32,7 @@ from bigmodel_jax.models.common import init as _init
 from bigmodel_jax.perf import PerfOptions, cast_input, cast_params, einsum, layer_loop, loss_logits
 from reference_numpy.configs import GPTConfig
 from reference_numpy.models.common import check_token_batch, collect_blocks, require_keys
-from reference_numpy.models.gpt import block_spec, dropout_mask_shapes
+from reference_numpy.models.gpt import block_spec, check_loss_labels, dropout_mask_shapes
 
 Tree = dict[str, Any]
 
@@ -173,7 +173,11 @@ def loss(
 ) -> jax.Array:
     """Mean next-token cross-entropy; ``labels`` (default ``input_ids``) shifted inside, as in
     HF: position t's logits predict ``labels[t + 1]``; label -100 is ignored (dropout and
-    ``perf``: see ``hidden_states``; the loss reads fp32 logits under mixed precision)."""
+    ``perf``: see ``hidden_states``; the loss reads fp32 logits under mixed precision). Other
+    labels, outside [0, V), raise when concrete; under ``jit`` their values are unknown, so a
+    caller that jits this checks them on the host first (``reference_numpy.models.gpt.
+    check_loss_labels``; ``loss_and_grad`` and the training step do)."""
+    check_loss_labels(batch, config)  # before the forward: a bad label fails fast
     logits = forward(params, batch, config, dropout_key=dropout_key, masks=masks, perf=perf)
     labels = batch.get("labels", batch["input_ids"])
     return cross_entropy(loss_logits(logits[:, :-1], perf), labels[:, 1:])
@@ -195,6 +199,7 @@ def loss_and_grad(
     checked before tracing (dropout and ``perf``: see ``hidden_states``)."""
     require_keys(batch, ["input_ids"], "gpt")
     ids, _ = check_token_batch(batch, "input_ids", config.vocab_size, config.max_len)
+    check_loss_labels(batch, config)  # label values are unknown once traced
     MaskSource.make(dropout_mask_shapes(config, *ids.shape), config.dropout, dropout_key=dropout_key,
                     masks=masks)  # argument errors before tracing
     return _loss_and_grad(params, batch, config, dropout_key, masks, perf)

@@ -40,7 +40,7 @@ from reference_numpy.configs import Seq2SeqConfig
 from reference_numpy.models.common import require_keys
 from reference_numpy.models.seq2seq import (
     check_encoder_output,
-    check_labels,
+    check_loss_labels,
     check_source,
     check_target,
     decoder_mask_shapes,
@@ -248,7 +248,10 @@ def loss(
     masks: Tree | None = None,
 ) -> jax.Array:
     """Mean label-smoothed cross-entropy of ``logits[:, t]`` against ``labels[:, t]`` (no shift,
-    as HF's seq2seq models); label -100 is ignored (dropout: see ``forward``)."""
+    as HF's seq2seq models); label -100 is ignored (dropout: see ``forward``). Labels outside
+    [0, V) raise when concrete; under ``jit`` their values are unknown, so a caller that jits
+    this checks them on the host first (``loss_and_grad`` and the training step do)."""
+    check_loss_labels(batch, config)  # before the forward: a bad label fails fast
     logits = forward(params, batch, config, dropout_key=dropout_key, masks=masks)
     return cross_entropy(logits, batch["labels"], label_smoothing=config.label_smoothing)
 
@@ -267,6 +270,6 @@ def loss_and_grad(
     """(loss, grads) by ``jax.grad``, jit-compiled; batch checked before tracing (dropout: see
     ``forward``)."""
     _check_batch(batch, config)
-    check_labels(batch, config)
+    check_loss_labels(batch, config)
     _mask_source(batch, config, dropout_key, masks)  # argument errors before tracing
     return _loss_and_grad(params, batch, config, dropout_key, masks)

@@ -39,7 +39,7 @@ from bigmodel_jax.models.common import init as _init
 from bigmodel_jax.models.common import collect_layers, subtree_init
 from bigmodel_jax.perf import PerfOptions, cast_input, cast_params, layer_loop, loss_logits, resolve
 from reference_numpy.configs import ViTConfig, param_shapes
-from reference_numpy.models.vit import block_spec, check_labels, check_params, check_pixels, dropout_mask_shapes
+from reference_numpy.models.vit import block_spec, check_loss_labels, check_params, check_pixels, dropout_mask_shapes
 from reference_numpy.models.vit import no_classifier_error
 from reference_numpy.tree import tree_map
 
@@ -157,8 +157,11 @@ def loss(
     params: Tree, batch: dict[str, Any], config: ViTConfig, *, dropout_key: jax.Array | None = None,
     masks: Tree | None = None, perf: PerfOptions | None = None,
 ) -> jax.Array:
-    """Mean cross-entropy of the class logits against ``labels`` (B,) in [0, num_labels)
-    (dropout and ``perf``: see ``hidden_states``; fp32 logits under mixed precision)."""
+    """Mean cross-entropy of the class logits against ``labels`` (B,) in [0, num_labels), -100
+    ignored (dropout and ``perf``: see ``hidden_states``; fp32 logits under mixed precision).
+    Other labels raise when concrete; under ``jit`` their values are unknown, so a caller that
+    jits this checks them on the host first (``loss_and_grad`` and the training step do)."""
+    check_loss_labels(batch, config)  # before the forward: a bad label fails fast
     logits = forward(params, batch, config, dropout_key=dropout_key, masks=masks, perf=perf)
     return cross_entropy(loss_logits(logits, perf), batch["labels"])
 
@@ -179,7 +182,7 @@ def loss_and_grad(
     tracing (so out-of-range labels raise instead of silently producing NaN). Dropout: see
     ``hidden_states``."""
     px = check_pixels(batch, config, params["patch_embed"]["kernel"].dtype)
-    check_labels(batch, config, px.shape[0])
+    check_loss_labels(batch, config)
     MaskSource.make(dropout_mask_shapes(config, px.shape[0]), config.dropout, dropout_key=dropout_key,
                     masks=masks)  # argument errors before tracing
     return _loss_and_grad(params, {"pixel_values": px, "labels": batch["labels"]}, config, dropout_key, masks, perf)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bigmodel_port.hf.common import ACTIVATIONS_TO_HF, activation_from_hf, dtype_from_hf, merge_hf
+from bigmodel_port.hf.common import ACTIVATIONS_TO_HF, activation_from_hf, build_config, dtype_from_hf, merge_hf
 from bigmodel_port.hf.common import num_labels_from_hf, require, unsupported
 from bigmodel_port.hf.mapping import Mapping, Rule, linear_rules, norm_rules
 from reference_numpy.configs import BertConfig
@@ -24,6 +24,14 @@ ARCHITECTURES = {
 # transformers builds these two heads with a pooler (add_pooling_layer=True), the others without
 _WITH_POOLER = ("BertModel", "BertForSequenceClassification")
 
+# our config field -> the config.json key it is read from (names the key when a value is refused)
+HF_KEYS = {
+    "n_layers": "num_hidden_layers", "d_model": "hidden_size", "n_heads": "num_attention_heads",
+    "d_ff": "intermediate_size", "vocab_size": "vocab_size", "max_len": "max_position_embeddings",
+    "type_vocab_size": "type_vocab_size", "dropout": "hidden_dropout_prob", "norm_eps": "layer_norm_eps",
+    "activation": "hidden_act", "num_labels": "num_labels",
+}
+
 
 def head_of(architecture: str) -> str:
     return ARCHITECTURES[architecture]
@@ -38,7 +46,7 @@ def config_from_hf(hf: dict[str, Any], architecture: str) -> BertConfig:
     if ARCHITECTURES[architecture] == "question_answering" and num_labels_from_hf(hf) != 2:
         raise ValueError(f"BertForQuestionAnswering needs num_labels=2 (start and end logits), "
                          f"config.json has {num_labels_from_hf(hf)}")
-    return BertConfig(
+    return build_config(BertConfig, dict(
         n_layers=require(hf, "num_hidden_layers", model_type=mt),
         d_model=require(hf, "hidden_size", model_type=mt),
         n_heads=require(hf, "num_attention_heads", model_type=mt),
@@ -46,13 +54,13 @@ def config_from_hf(hf: dict[str, Any], architecture: str) -> BertConfig:
         vocab_size=require(hf, "vocab_size", model_type=mt),
         max_len=require(hf, "max_position_embeddings", 512, model_type=mt),
         type_vocab_size=require(hf, "type_vocab_size", 2, model_type=mt),
-        dropout=float(require(hf, "hidden_dropout_prob", 0.1, model_type=mt)),
-        norm_eps=float(require(hf, "layer_norm_eps", 1e-12, model_type=mt)),
+        dropout=require(hf, "hidden_dropout_prob", 0.1, model_type=mt),
+        norm_eps=require(hf, "layer_norm_eps", 1e-12, model_type=mt),
         activation=activation_from_hf(require(hf, "hidden_act", "gelu", model_type=mt), "hidden_act"),
         num_labels=num_labels_from_hf(hf),
         pooler=architecture in _WITH_POOLER,
         dtype=dtype_from_hf(hf),
-    )
+    ), hf, HF_KEYS, mt)
 
 
 def config_to_hf(config: BertConfig, architecture: str, base: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bigmodel_port.hf.common import ACTIVATIONS_TO_HF, activation_from_hf, dtype_from_hf, merge_hf
+from bigmodel_port.hf.common import ACTIVATIONS_TO_HF, activation_from_hf, build_config, dtype_from_hf, merge_hf
 from bigmodel_port.hf.common import require, unsupported
 from bigmodel_port.hf.mapping import Mapping, Rule, norm_rules
 from reference_numpy.configs import GPTConfig
@@ -27,6 +27,13 @@ ARCHITECTURES = {
 
 _PREFIX = "transformer."  # base-model prefix inside GPT2LMHeadModel's state dict
 
+# our config field -> the config.json key it is read from (names the key when a value is refused)
+HF_KEYS = {
+    "n_layers": "n_layer", "d_model": "n_embd", "n_heads": "n_head", "d_ff": "n_inner",
+    "vocab_size": "vocab_size", "max_len": "n_positions", "dropout": "resid_pdrop",
+    "norm_eps": "layer_norm_epsilon", "activation": "activation_function",
+}
+
 
 def config_from_hf(hf: dict[str, Any], architecture: str) -> GPTConfig:
     """Our config for an HF GPT-2 ``config.json`` dict; features we do not implement are refused.
@@ -42,17 +49,18 @@ def config_from_hf(hf: dict[str, Any], architecture: str) -> GPTConfig:
     unsupported(hf, "add_cross_attention", (False,), False, mt)
     d = require(hf, "n_embd", model_type=mt)
     tie = bool(hf.get("tie_word_embeddings", True)) or ARCHITECTURES[architecture] == "base"
-    return GPTConfig(
+    return build_config(GPTConfig, dict(
         n_layers=require(hf, "n_layer", model_type=mt),
         d_model=d,
         n_heads=require(hf, "n_head", model_type=mt),
         n_kv_heads=None,
-        d_ff=require(hf, "n_inner", 4 * d, model_type=mt),  # n_inner None means 4 D
+        # n_inner None means 4 D (a bad n_embd is refused by name before d_ff is checked)
+        d_ff=require(hf, "n_inner", 4 * d if isinstance(d, int) else d, model_type=mt),
         vocab_size=require(hf, "vocab_size", model_type=mt),
         max_len=require(hf, "n_positions", 1024, model_type=mt),
-        dropout=float(require(hf, "resid_pdrop", 0.1, model_type=mt)),
+        dropout=require(hf, "resid_pdrop", 0.1, model_type=mt),
         norm="layer",
-        norm_eps=float(require(hf, "layer_norm_epsilon", 1e-5, model_type=mt)),
+        norm_eps=require(hf, "layer_norm_epsilon", 1e-5, model_type=mt),
         activation=activation_from_hf(require(hf, "activation_function", "gelu_new", model_type=mt),
                                       "activation_function"),
         gated_mlp=False,
@@ -61,7 +69,7 @@ def config_from_hf(hf: dict[str, Any], architecture: str) -> GPTConfig:
         tie_embeddings=tie,
         head_dim=None,
         dtype=dtype_from_hf(hf),
-    )
+    ), hf, HF_KEYS, mt)
 
 
 def config_to_hf(config: GPTConfig, architecture: str, base: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bigmodel_port.hf.common import ACTIVATIONS_TO_HF, activation_from_hf, dtype_from_hf, merge_hf
+from bigmodel_port.hf.common import ACTIVATIONS_TO_HF, activation_from_hf, build_config, dtype_from_hf, merge_hf
 from bigmodel_port.hf.common import require, unsupported
 from bigmodel_port.hf.mapping import Mapping, Rule, linear_rules, norm_rules
 from reference_numpy.configs import GPTConfig
@@ -28,13 +28,22 @@ ARCHITECTURES = {
 _PREFIX = "model."  # base-model prefix inside LlamaForCausalLM's state dict
 _DEFAULT_THETA = 10000.0  # transformers' RotaryEmbeddingConfigMixin.default_theta
 
+# our config field -> the config.json key it is read from (names the key when a value is refused)
+HF_KEYS = {
+    "n_layers": "num_hidden_layers", "d_model": "hidden_size", "n_heads": "num_attention_heads",
+    "n_kv_heads": "num_key_value_heads", "d_ff": "intermediate_size", "vocab_size": "vocab_size",
+    "max_len": "max_position_embeddings", "dropout": "attention_dropout", "norm_eps": "rms_norm_eps",
+    "activation": "hidden_act", "rope_theta": "rope_theta", "head_dim": "head_dim",
+}
 
-def rope_theta_from_hf(hf: dict[str, Any]) -> float:
+
+def rope_theta_from_hf(hf: dict[str, Any]) -> Any:
     """The RoPE base of a Llama ``config.json``; any RoPE scaling is refused by name.
 
     transformers v5 writes ``rope_parameters: {"rope_type": ..., "rope_theta": ...}``; v4 files
     have a top-level ``rope_theta`` and ``rope_scaling`` (``{"type" or "rope_type": ...}`` or
     null). As in transformers, ``rope_scaling`` wins over ``rope_parameters`` when both are set.
+    The value is returned as written; ``GPTConfig`` refuses one that is not a number > 0.
     """
     params = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
     if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
@@ -47,7 +56,7 @@ def rope_theta_from_hf(hf: dict[str, Any]) -> float:
         raise ValueError(f"llama config.json rope_type={rope_type!r} (RoPE scaling) is not supported "
                          "(supported: 'default')")
     theta = params.get("rope_theta", hf.get("rope_theta"))
-    return float(_DEFAULT_THETA if theta is None else theta)
+    return _DEFAULT_THETA if theta is None else theta  # GPTConfig checks it is a number > 0
 
 
 def config_from_hf(hf: dict[str, Any], architecture: str) -> GPTConfig:
@@ -66,9 +75,13 @@ def config_from_hf(hf: dict[str, Any], architecture: str) -> GPTConfig:
                          "supported (both must be equal)")
     d = require(hf, "hidden_size", model_type=mt)
     h = require(hf, "num_attention_heads", model_type=mt)
-    head_dim = require(hf, "head_dim", d // h, model_type=mt)
+    # An explicit head_dim equal to D / H is the default; any other one is kept (and checked by
+    # GPTConfig), so no division happens here before the sizes are validated.
+    head_dim = hf.get("head_dim")
+    if type(head_dim) is int and type(h) is int and head_dim * h == d:
+        head_dim = None
     tie = bool(hf.get("tie_word_embeddings", False)) or ARCHITECTURES[architecture] == "base"
-    return GPTConfig(
+    return build_config(GPTConfig, dict(
         n_layers=require(hf, "num_hidden_layers", model_type=mt),
         d_model=d,
         n_heads=h,
@@ -77,9 +90,9 @@ def config_from_hf(hf: dict[str, Any], architecture: str) -> GPTConfig:
         vocab_size=require(hf, "vocab_size", model_type=mt),
         max_len=require(hf, "max_position_embeddings", 2048, model_type=mt),
         # Llama's only dropout is on the attention probabilities; a training setting either way.
-        dropout=float(require(hf, "attention_dropout", 0.0, model_type=mt)),
+        dropout=require(hf, "attention_dropout", 0.0, model_type=mt),
         norm="rms",
-        norm_eps=float(require(hf, "rms_norm_eps", 1e-6, model_type=mt)),
+        norm_eps=require(hf, "rms_norm_eps", 1e-6, model_type=mt),
         activation=activation_from_hf(require(hf, "hidden_act", "silu", model_type=mt), "hidden_act"),
         gated_mlp=True,
         positions="rope",
@@ -87,9 +100,16 @@ def config_from_hf(hf: dict[str, Any], architecture: str) -> GPTConfig:
         rope_layout="half",
         bias=attention_bias,
         tie_embeddings=tie,
-        head_dim=None if head_dim * h == d else head_dim,
+        head_dim=head_dim,
         dtype=dtype_from_hf(hf),
-    )
+    ), hf, {**HF_KEYS, "rope_theta": _rope_theta_key(hf)}, mt)
+
+
+def _rope_theta_key(hf: dict[str, Any]) -> str:
+    """The config.json key ``rope_theta_from_hf`` read the RoPE base from."""
+    key = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    params = hf.get(key)
+    return key if isinstance(params, dict) and "rope_theta" in params else "rope_theta"
 
 
 def config_to_hf(config: GPTConfig, architecture: str, base: dict[str, Any] | None = None) -> dict[str, Any]:

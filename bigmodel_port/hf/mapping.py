@@ -227,6 +227,50 @@ def _align_prefix(state: dict[str, np.ndarray], wanted: set[str], prefix: str) -
     return state
 
 
+# ml_dtypes' narrow floats (bfloat16, float8_*, ...: what a jax bfloat16 array becomes under
+# np.asarray) are filed by NumPy under kind "V", yet they are floats; their names say so.
+_NARROW_FLOAT_NAMES = ("bfloat", "float")
+# integer and boolean kinds: the ones ``allow_int_cast=True`` lets through
+_INT_KINDS = "iub"
+
+
+def is_float_dtype(dtype: Any) -> bool:
+    """True for a real floating dtype: NumPy's float16/32/64 (kind "f") or an ml_dtypes
+    bfloat16 / float8 (kind "V", but a float)."""
+    dt = np.dtype(dtype)
+    return dt.kind == "f" or (dt.kind == "V" and dt.name.startswith(_NARROW_FLOAT_NAMES))
+
+
+def check_float_source(name: str, array: Any, allow_int_cast: bool = False, *,
+                       target: str = "a float parameter") -> None:
+    """Refuse a checkpoint tensor that would fill a floating-point parameter but is not a float.
+
+    Every parameter of our models is floating-point. A tensor of an integer or boolean dtype
+    where one is expected is a corrupt, mislabelled or hand-built file: casting it silently
+    would load a model of rounded weights (or all ones and zeros) without a word. ``name`` is
+    the tensor's name in the file, ``target`` what it fills (both go into the message).
+    ``allow_int_cast=True`` is the explicit opt-in for integer / boolean tensors (the caller
+    then casts them); any other non-float dtype (complex, string, object) is always refused.
+    Float-to-float casts (float16 / bfloat16 -> float32) are not this function's business:
+    they are exact widenings, or the narrowing the caller asked for with its ``dtype``.
+
+    Raises ``CheckpointError`` naming the tensor, its dtype and what it fills.
+    """
+    dt = np.asarray(array).dtype  # free for a NumPy array (what the readers return)
+    if is_float_dtype(dt):
+        return
+    if dt.kind in _INT_KINDS:
+        if allow_int_cast:
+            return
+        raise CheckpointError(
+            f"tensor {name!r} has dtype {dt}, but it fills {target}, which is floating-point; "
+            "an integer or boolean tensor there means a corrupt or mislabelled checkpoint. "
+            "Pass allow_int_cast=True to cast it to float anyway")
+    raise CheckpointError(f"tensor {name!r} has dtype {dt}, which cannot fill {target} "
+                          "(floating-point; only float, and with allow_int_cast=True integer or "
+                          "boolean, tensors can)")
+
+
 def import_state_dict(
     state: dict[str, np.ndarray],
     mapping: Mapping,
@@ -235,6 +279,7 @@ def import_state_dict(
     strict: bool = True,
     init: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     dtype: Any = None,
+    allow_int_cast: bool = False,
 ) -> tuple[dict[str, Any], LoadReport]:
     """An HF state dict -> our parameter tree (shapes from ``param_shapes`` of the config).
 
@@ -243,6 +288,11 @@ def import_state_dict(
     partial load (a new classification head, a resized vocabulary): leaves without a usable
     tensor come from ``init(shapes)`` and are listed in the report's ``initialised``; unexpected
     tensors are skipped and listed. ``dtype``: cast every leaf (default: keep the file's).
+
+    Every tensor the model reads must be floating-point (``check_float_source``): an integer or
+    boolean one raises ``CheckpointError`` naming it, unless ``allow_int_cast=True``, which casts
+    it to ``dtype`` (float32 when ``dtype`` is None). Tensors the mapping ignores (buffers such
+    as BERT's int64 ``position_ids``) are not checked.
     """
     n_layers = {r.hf: _layers_of(r, shapes) for r in mapping.rules if r.per_layer}
     wanted = set(mapping.hf_names(n_layers))
@@ -265,6 +315,9 @@ def import_state_dict(
                 continue
             used.add(name)
             w = np.asarray(state[name])
+            check_float_source(name, w, allow_int_cast, target=f"our {' + '.join(rule.paths)}")
+            if w.dtype.kind in _INT_KINDS:  # allowed above: cast now, so no leaf stays an int
+                w = w.astype(np.float32 if dtype is None else dtype)
             if tuple(w.shape) != want:
                 report.mismatched.append(f"{name}: checkpoint {tuple(w.shape)} vs model {want}")
                 ok = False

@@ -36,8 +36,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from bigmodel_port.hf.common import ACTIVATIONS_FROM_HF, ACTIVATIONS_TO_HF, activation_from_hf, dtype_from_hf
-from bigmodel_port.hf.common import merge_hf, require, unsupported
+from bigmodel_port.hf.common import ACTIVATIONS_FROM_HF, ACTIVATIONS_TO_HF, activation_from_hf, build_config
+from bigmodel_port.hf.common import dtype_from_hf, merge_hf, require, unsupported
 from bigmodel_port.hf.mapping import Mapping, Rule, linear_rules, norm_rules
 from reference_numpy.configs import Seq2SeqConfig
 
@@ -48,6 +48,14 @@ FAMILY = "seq2seq"
 ARCHITECTURES = {"MarianMTModel": "seq2seq_lm"}
 
 NORM_EPS = 1e-5  # HF Marian's layer norms are nn.LayerNorm(D) with the default eps
+
+# our config field -> the config.json key it is read from (names the key when a value is refused)
+HF_KEYS = {
+    "n_layers": "encoder_layers", "n_decoder_layers": "decoder_layers", "d_model": "d_model",
+    "n_heads": "encoder_attention_heads", "d_ff": "encoder_ffn_dim", "vocab_size": "vocab_size",
+    "max_len": "max_position_embeddings", "dropout": "dropout", "activation": "activation_function",
+    "scale_embeddings": "scale_embedding",
+}
 
 
 def config_from_hf(hf: dict[str, Any], architecture: str) -> Seq2SeqConfig:
@@ -76,30 +84,26 @@ def config_from_hf(hf: dict[str, Any], architecture: str) -> Seq2SeqConfig:
     if dec_vocab != vocab:
         raise ValueError(f"{mt} config.json decoder_vocab_size={dec_vocab} differs from vocab_size={vocab}; "
                          "separate source and target vocabularies are not supported")
-    d_model = require(hf, "d_model", model_type=mt)
-    heads = require(hf, "encoder_attention_heads", model_type=mt)
-    if d_model % heads:
-        raise ValueError(f"{mt} config.json d_model={d_model} is not divisible by encoder_attention_heads={heads}")
-    return Seq2SeqConfig(
+    return build_config(Seq2SeqConfig, dict(
         n_layers=require(hf, "encoder_layers", model_type=mt),
         n_decoder_layers=require(hf, "decoder_layers", model_type=mt),
-        d_model=d_model,
-        n_heads=heads,
+        d_model=require(hf, "d_model", model_type=mt),
+        n_heads=require(hf, "encoder_attention_heads", model_type=mt),
         d_ff=require(hf, "encoder_ffn_dim", model_type=mt),
         vocab_size=vocab,
         max_len=require(hf, "max_position_embeddings", 1024, model_type=mt),
-        dropout=float(require(hf, "dropout", 0.1, model_type=mt)),
+        dropout=require(hf, "dropout", 0.1, model_type=mt),
         label_smoothing=0.0,  # MarianMTModel's loss is plain cross-entropy
         norm_eps=NORM_EPS,
         prenorm=False,
         activation=activation_from_hf(require(hf, "activation_function", "gelu", model_type=mt),
                                       "activation_function"),
         share_embeddings=_share_embeddings(hf),
-        scale_embeddings=bool(require(hf, "scale_embedding", False, model_type=mt)),
+        scale_embeddings=require(hf, "scale_embedding", False, model_type=mt),
         position_layout="concat",
         final_logits_bias=True,
         dtype=dtype_from_hf(hf),
-    )
+    ), hf, HF_KEYS, mt)
 
 
 def _share_embeddings(hf: dict[str, Any]) -> bool:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bigmodel_port.hf.common import ACTIVATIONS_TO_HF, activation_from_hf, dtype_from_hf, merge_hf
+from bigmodel_port.hf.common import ACTIVATIONS_TO_HF, activation_from_hf, build_config, dtype_from_hf, merge_hf
 from bigmodel_port.hf.common import num_labels_from_hf, require, unsupported
 from bigmodel_port.hf.mapping import Mapping, Rule, linear_rules, norm_rules
 from reference_numpy.configs import ViTConfig
@@ -35,15 +35,24 @@ ARCHITECTURES = {
 
 _PREFIX = "vit."  # base-model prefix inside ViTForImageClassification's state dict
 
+# our config field -> the config.json key it is read from (names the key when a value is refused)
+HF_KEYS = {
+    "n_layers": "num_hidden_layers", "d_model": "hidden_size", "n_heads": "num_attention_heads",
+    "d_ff": "intermediate_size", "image_size": "image_size", "patch_size": "patch_size",
+    "n_channels": "num_channels", "num_labels": "num_labels", "dropout": "hidden_dropout_prob",
+    "norm_eps": "layer_norm_eps", "activation": "hidden_act", "qkv_bias": "qkv_bias",
+}
 
-def _square(hf: dict[str, Any], key: str, default: int) -> int:
-    """``image_size`` / ``patch_size``: an int, or an (h, w) pair that must be square."""
+
+def _square(hf: dict[str, Any], key: str, default: int) -> Any:
+    """``image_size`` / ``patch_size``: an int, or an (h, w) pair that must be square (the value
+    is returned as written; ``ViTConfig`` checks it is an int > 0)."""
     value = require(hf, key, default, model_type=MODEL_TYPE)
     if isinstance(value, (list, tuple)):
         if len(value) != 2 or value[0] != value[1]:
             raise ValueError(f"vit config.json {key}={value!r} is not supported (only square sizes)")
         value = value[0]
-    return int(value)
+    return value
 
 
 def config_from_hf(hf: dict[str, Any], architecture: str) -> ViTConfig:
@@ -56,41 +65,38 @@ def config_from_hf(hf: dict[str, Any], architecture: str) -> ViTConfig:
     mt = MODEL_TYPE
     if architecture not in ARCHITECTURES:
         raise ValueError(f"{architecture} is not a ViT architecture; known: {sorted(ARCHITECTURES)}")
-    d = int(require(hf, "hidden_size", model_type=mt))
-    heads = int(require(hf, "num_attention_heads", model_type=mt))
-    if d % heads:
-        raise ValueError(f"vit config.json hidden_size={d} is not divisible by num_attention_heads={heads}")
-    unsupported(hf, "head_dim", (None, d // heads), None, mt)
-    pooler = architecture == "ViTModel"  # transformers: add_pooling_layer=True only for ViTModel
-    if pooler:  # the pooler's shape and activation only matter where it is built
-        unsupported(hf, "pooler_output_size", (None, d), None, mt)
-        unsupported(hf, "pooler_act", ("tanh",), "tanh", mt)
-    image, patch = _square(hf, "image_size", 224), _square(hf, "patch_size", 16)
-    if image % patch:
-        raise ValueError(f"vit config.json image_size={image} is not divisible by patch_size={patch} "
-                         "(HF's convolution would drop the border pixels; not supported)")
     classifier = ARCHITECTURES[architecture] == "image_classification"
     num_labels = num_labels_from_hf(hf)
-    if classifier and num_labels < 1:
+    if classifier and num_labels == 0:
         raise ValueError(f"vit config.json num_labels={num_labels}: a classifier needs at least one label "
                          "(HF's num_labels=0 identity head is not supported)")
-    return ViTConfig(
-        n_layers=int(require(hf, "num_hidden_layers", model_type=mt)),
-        d_model=d,
-        n_heads=heads,
-        d_ff=int(require(hf, "intermediate_size", model_type=mt)),
-        image_size=image,
-        patch_size=patch,
-        n_channels=int(require(hf, "num_channels", 3, model_type=mt)),
-        num_labels=max(num_labels, 1),
-        dropout=float(require(hf, "hidden_dropout_prob", 0.0, model_type=mt)),
-        norm_eps=float(require(hf, "layer_norm_eps", 1e-12, model_type=mt)),
+    if not classifier and not (type(num_labels) is int and num_labels >= 1):
+        num_labels = 1  # no head is built, so the field is unused; any valid value will do
+    # ViTConfig refuses a patch size that does not tile the image (HF's convolution would drop the
+    # border pixels), and a head count that does not divide the width, naming the keys.
+    config = build_config(ViTConfig, dict(
+        n_layers=require(hf, "num_hidden_layers", model_type=mt),
+        d_model=require(hf, "hidden_size", model_type=mt),
+        n_heads=require(hf, "num_attention_heads", model_type=mt),
+        d_ff=require(hf, "intermediate_size", model_type=mt),
+        image_size=_square(hf, "image_size", 224),
+        patch_size=_square(hf, "patch_size", 16),
+        n_channels=require(hf, "num_channels", 3, model_type=mt),
+        num_labels=num_labels,
+        dropout=require(hf, "hidden_dropout_prob", 0.0, model_type=mt),
+        norm_eps=require(hf, "layer_norm_eps", 1e-12, model_type=mt),
         activation=activation_from_hf(require(hf, "hidden_act", "gelu", model_type=mt), "hidden_act"),
-        qkv_bias=bool(require(hf, "qkv_bias", True, model_type=mt)),
+        qkv_bias=require(hf, "qkv_bias", True, model_type=mt),
         classifier=classifier,
-        pooler=pooler,
+        pooler=architecture == "ViTModel",  # transformers: add_pooling_layer=True only for ViTModel
         dtype=dtype_from_hf(hf),
-    )
+    ), hf, HF_KEYS, mt)
+    d = config.d_model
+    unsupported(hf, "head_dim", (None, d // config.n_heads), None, mt)
+    if config.pooler:  # the pooler's shape and activation only matter where it is built
+        unsupported(hf, "pooler_output_size", (None, d), None, mt)
+        unsupported(hf, "pooler_act", ("tanh",), "tanh", mt)
+    return config
 
 
 def _check_fits(config: ViTConfig, architecture: str) -> None:

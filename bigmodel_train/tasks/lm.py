@@ -32,7 +32,7 @@ from bigmodel_train.data.token_cache import (
     tokenizer_fingerprint,
 )
 from bigmodel_train.tasks.splits import ArraySplit, Split, eval_batches
-from bigmodel_train.tasks.task import Task, model_base, with_model_overrides
+from bigmodel_train.tasks.task import Task, fit_max_len, model_base, with_model_overrides
 from reference_numpy import generation as ref_generation
 from reference_numpy.configs import GPTConfig
 from reference_numpy.losses import IGNORE_INDEX
@@ -98,9 +98,8 @@ class LMTask(Task):
         self.tokenizer = tokenizer if tokenizer is not None else self._tokenizer()
         self.eos_id = int(self.tokenizer.eos_token_id)
         base = model_base(cfg, GPTConfig)
-        max_len = max(base.max_len if "max_len" not in cfg.model_overrides else cfg.model_overrides["max_len"],
-                      cfg.seq_len)
-        self.model_config = with_model_overrides(base, cfg, vocab_size=len(self.tokenizer), max_len=max_len)
+        self.model_config = with_model_overrides(base, cfg, vocab_size=len(self.tokenizer),
+                                                  max_len=fit_max_len(base, cfg))
 
     def documents(self) -> tuple[list[str], list[str]]:
         """(train documents, validation documents)."""
@@ -190,27 +189,57 @@ class LMTask(Task):
         return np.asarray([ids], np.int32)
 
     def sample(self, params: Tree, backend: str = "jax", *, prompt: str | None = None,
-               max_new_tokens: int | None = None, temperature: float = 0.8, top_k: int | None = 40,
-               seed: int | None = None) -> str | None:
-        """Continue ``prompt`` (default the run's) and return prompt + continuation as text."""
+               max_new_tokens: int | None = None, temperature: float | None = None, top_k: int | None = 40,
+               seed: int | None = None, num_beams: int = 1) -> str | None:
+        """Continue ``prompt`` (default the run's) and return prompt + continuation as text.
+
+        ``max_new_tokens`` given: prompt + continuation must fit the model's ``max_len``, else
+        ValueError. Not given (the end-of-run sample): up to ``sample_tokens``, fewer where the
+        prompt leaves less room. ``num_beams > 1``: beam search (both backends; no sampling).
+        ``temperature > 0`` samples (JAX only: the NumPy reference has no sampler); 0 is greedy;
+        None is 0.8 on JAX and greedy on the NumPy reference and with beams.
+        """
+        if temperature is None:
+            temperature = 0.8 if backend == "jax" and num_beams == 1 else 0.0
         prompt = self.cfg.prompt if prompt is None else prompt
-        n = self.cfg.sample_tokens if max_new_tokens is None else max_new_tokens
-        if n <= 0:
-            return None
         ids = self.encode_prompt(prompt)
-        n = min(n, self.model_config.max_len - ids.shape[1])
+        room = self.model_config.max_len - ids.shape[1]
+        if max_new_tokens is None:
+            n = min(self.cfg.sample_tokens, room)
+            if self.cfg.sample_tokens <= 0:
+                return None
+        else:
+            n = max_new_tokens
+            if n > room:
+                raise ValueError(f"the prompt is {ids.shape[1]} tokens (with the leading EOS) and max_new_tokens="
+                                 f"{n} would reach {ids.shape[1] + n} > the model's max_len "
+                                 f"{self.model_config.max_len}; ask for at most {max(room, 0)} tokens")
         if n <= 0:
-            raise ValueError(f"prompt is {ids.shape[1]} tokens; the model's max_len is {self.model_config.max_len}")
+            raise ValueError(f"the prompt is {ids.shape[1]} tokens; the model's max_len is {self.model_config.max_len}")
+        if num_beams > 1 and temperature > 0:
+            raise ValueError("beam search is deterministic: use temperature=0 with num_beams > 1")
+        if backend == "numpy" and temperature > 0:
+            raise ValueError("the NumPy reference decodes greedily or with beam search; use temperature=0 "
+                             "or the jax backend to sample")
         if backend == "numpy":
-            out = ref_generation.greedy(params, ids, self.model_config, max_new_tokens=n, eos_token_id=self.eos_id)
+            if num_beams > 1:
+                out = ref_generation.beam_search(params, ids, self.model_config, max_new_tokens=n,
+                                                 num_beams=num_beams, eos_token_id=self.eos_id)
+            else:
+                out = ref_generation.greedy(params, ids, self.model_config, max_new_tokens=n,
+                                            eos_token_id=self.eos_id)
         else:  # imported on first use, like Task.jax_module: the NumPy backend needs no jax
             import jax
 
-            from bigmodel_jax.generation import generate
+            from bigmodel_jax.generation import beam_search, generate
 
-            key = jax.random.key(self.cfg.seed if seed is None else seed)
-            out = generate(params, ids, self.model_config, max_new_tokens=n, temperature=temperature,
-                           top_k=top_k, key=key, eos_token_id=self.eos_id)
+            if num_beams > 1:
+                out = beam_search(params, ids, self.model_config, max_new_tokens=n, num_beams=num_beams,
+                                  eos_token_id=self.eos_id)
+            else:
+                key = jax.random.key(self.cfg.seed if seed is None else seed)
+                out = generate(params, ids, self.model_config, max_new_tokens=n, temperature=temperature,
+                               top_k=top_k, key=key, eos_token_id=self.eos_id)
         return self.tokenizer.decode(np.asarray(out)[0, 1:].tolist(), skip_special_tokens=True)
 
 

@@ -31,10 +31,10 @@ import numpy as np
 
 from bigmodel_train.config import ConfigError, RunConfig
 from bigmodel_train.tasks.splits import Split
-from reference_numpy.configs import preset
+from reference_numpy.configs import ConfigFieldError, preset
 from reference_numpy.tree import Tree, tree_map
 
-__all__ = ["FAMILIES", "Family", "Task", "model_base", "with_model_overrides"]
+__all__ = ["FAMILIES", "Family", "Task", "fit_max_len", "model_base", "with_model_overrides"]
 
 
 @dataclass(frozen=True)
@@ -60,17 +60,49 @@ _JIT_CACHE: dict[Any, Callable[..., Any]] = {}
 
 def with_model_overrides(config: Any, cfg: RunConfig, **forced: Any) -> Any:
     """``config`` with the run's ``model.X`` overrides, its ``dropout`` override and ``forced``
-    fields (derived from the data: vocabulary size, classes...) applied."""
+    fields (derived from the data: vocabulary size, classes...) applied. An override that
+    contradicts a forced field, or a combination the config refuses, is a ``ConfigError`` naming
+    where each offending value came from."""
     fields = {f.name for f in dataclasses.fields(config)}
     changes = dict(cfg.model_overrides)
     if cfg.dropout is not None:
         changes["dropout"] = cfg.dropout
     changes["dtype"] = cfg.dtype
     for k, v in forced.items():
-        if k in changes and changes[k] != v and k not in ("max_len",):
+        if k in changes and changes[k] != v:
             raise ConfigError(f"model.{k}={changes[k]} contradicts the data, which needs {k}={v}")
         changes[k] = v
-    return dataclasses.replace(config, **{k: v for k, v in changes.items() if k in fields})
+    try:
+        return dataclasses.replace(config, **{k: v for k, v in changes.items() if k in fields})
+    except ConfigFieldError as err:
+        def source(f: str) -> str:
+            if f in forced:
+                return f"{f}={forced[f]!r} (from the data)"
+            if f in cfg.model_overrides:
+                return f"model.{f}={cfg.model_overrides[f]!r}"
+            return f"{f}={getattr(config, f)!r} (model={cfg.model!r})"
+
+        raise ConfigError(f"{', '.join(map(source, err.fields))}: {err}") from None
+
+
+def fit_max_len(base: Any, cfg: RunConfig) -> int:
+    """The model's ``max_len`` for data whose sequences are ``cfg.seq_len`` positions long.
+
+    An explicit ``model.max_len`` is kept, and refused when shorter than that. Without one, the
+    preset's own is raised to ``seq_len`` when shorter, and the change is printed: a value is
+    either refused or its change is said, never adjusted silently.
+    """
+    if "max_len" in cfg.model_overrides:
+        max_len = cfg.model_overrides["max_len"]
+        if max_len < cfg.seq_len:
+            raise ConfigError(f"model.max_len={max_len} is shorter than seq_len={cfg.seq_len}, the length of every "
+                              f"{cfg.task} sequence: set model.max_len >= {cfg.seq_len} or lower seq_len")
+        return max_len
+    if base.max_len < cfg.seq_len:
+        print(f"note: model.max_len raised from {base.max_len} (preset {cfg.model!r}) to {cfg.seq_len} "
+              f"to fit seq_len={cfg.seq_len}")
+        return cfg.seq_len
+    return base.max_len
 
 
 def model_base(cfg: RunConfig, cls: type) -> Any:

@@ -7,6 +7,7 @@ Dims: B batch, S source time, T target time, V vocabulary.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,8 +22,9 @@ from bigmodel_train.data.builtin import translation_numbers
 from bigmodel_train.data.packing import pad_batch, split_items
 from bigmodel_train.data.stream import JsonlStream
 from bigmodel_train.data.text import WordVocab
+from bigmodel_train.extras import missing_extra
 from bigmodel_train.tasks.splits import ArraySplit, Split, eval_batches
-from bigmodel_train.tasks.task import Task, model_base, with_model_overrides
+from bigmodel_train.tasks.task import Task, fit_max_len, model_base, with_model_overrides
 from reference_numpy import generation as ref_generation
 from reference_numpy.configs import Seq2SeqConfig
 from reference_numpy.losses import IGNORE_INDEX
@@ -38,6 +40,9 @@ class TranslationTask(Task):
     unit = "tokens"
 
     def __init__(self, cfg: RunConfig, run_dir: str | os.PathLike[str] | None) -> None:
+        if importlib.util.find_spec("sacrebleu") is None:  # fail before training, not at its evaluation
+            raise missing_extra("sacrebleu", "BLEU (the translation task's evaluation)",
+                                ImportError("No module named 'sacrebleu'", name="sacrebleu"))
         super().__init__(cfg, run_dir)
         self._pairs: dict[str, list[tuple[str, str]]] | None = None
         saved = None if run_dir is None else Path(run_dir) / "vocab.json"
@@ -47,9 +52,8 @@ class TranslationTask(Task):
             train = self.pairs()["train"]
             self.vocab = WordVocab.build([s for pair in train for s in pair])
         base = model_base(cfg, Seq2SeqConfig)
-        max_len = max(base.max_len if "max_len" not in cfg.model_overrides else cfg.model_overrides["max_len"],
-                      cfg.seq_len)
-        self.model_config = with_model_overrides(base, cfg, vocab_size=len(self.vocab), max_len=max_len)
+        self.model_config = with_model_overrides(base, cfg, vocab_size=len(self.vocab),
+                                                  max_len=fit_max_len(base, cfg))
 
     def pairs(self) -> dict[str, list[tuple[str, str]]]:
         if self._pairs is None:

@@ -94,7 +94,7 @@ from reference_numpy.layers.embeddings import (
 )
 from reference_numpy.layers.linear import linear_backward, linear_forward
 from reference_numpy.layers.norms import layer_norm_backward, layer_norm_forward
-from reference_numpy.losses import IGNORE_INDEX, cross_entropy_backward, cross_entropy_forward
+from reference_numpy.losses import IGNORE_INDEX, check_labels, cross_entropy_backward, cross_entropy_forward
 from reference_numpy.models.common import check_token_batch, collect_blocks, init_params, layer, require_keys, stack
 from reference_numpy.tree import Tree, tree_zeros_like
 
@@ -202,18 +202,6 @@ def check_params(params: Tree, head: str, config: BertConfig | None = None) -> N
         )
 
 
-def _check_labels(name: str, x: Any, shape: tuple, n: int) -> None:
-    """Integer labels of ``shape`` in [0, n) or equal to -100 (values only when known)."""
-    check_array(name, x, shape, kind="int")
-    if is_tracer(x) or np.size(x) == 0:
-        return
-    a = np.asarray(x)
-    bad = a[((a < 0) | (a >= n)) & (a != IGNORE_INDEX)]
-    if bad.size:
-        raise ValueError(f"{name} must lie in [0, {n}) or equal {IGNORE_INDEX} (ignored), "
-                         f"found {int(bad[0])}")
-
-
 def check_batch(
     batch: dict[str, Any], config: BertConfig, head: str = "mlm", *, with_labels: bool = False
 ) -> None:
@@ -238,26 +226,33 @@ def check_batch(
     B, T = ids.shape
     if batch.get("token_type_ids") is not None:
         check_ids("token_type_ids", batch["token_type_ids"], config.type_vocab_size, (B, T))
-    if not with_labels:
-        return
+    if with_labels:
+        check_loss_labels(batch, config, head)
+
+
+def check_loss_labels(batch: dict[str, Any], config: BertConfig, head: str = "mlm") -> None:
+    """The head's targets (``LABEL_KEYS[head]``), shaped by ``input_ids`` (B, T): ``labels``
+    (B, T) in [0, V) (mlm) or [0, C) (token classification), (B,) in [0, C) (sequence
+    classification), -100 ignored; ``start_positions`` / ``end_positions`` (B,) in [0, T], T
+    ignored (the answer is outside this window). Values by ``losses.check_labels``, when
+    concrete (under ``jit`` the caller checks on the host)."""
+    check_head(head)
+    if head == "base":
+        raise ValueError("head 'base' has no loss; use forward_with_cache + backward with your own "
+                         "cotangents")
+    require_keys(batch, ["input_ids", *LABEL_KEYS[head]], "bert")
+    B, T = np.shape(batch["input_ids"])
     if head in ("mlm", "token_classification"):
         n = config.vocab_size if head == "mlm" else config.num_labels
-        _check_labels("labels", batch["labels"], (B, T), n)
+        check_labels(batch["labels"], n, "labels", shape=(B, T))
     elif head == "sequence_classification":
         if config.num_labels < 2:
             raise ValueError(f"sequence_classification needs num_labels >= 2, got {config.num_labels} "
                              "(HF's num_labels == 1 regression is not supported)")
-        _check_labels("labels", batch["labels"], (B,), config.num_labels)
+        check_labels(batch["labels"], config.num_labels, "labels", shape=(B,))
     else:  # question_answering: position T = answer outside this window, ignored
         for key in ("start_positions", "end_positions"):
-            check_array(key, batch[key], (B,), kind="int")
-            if is_tracer(batch[key]):
-                continue
-            pos = np.asarray(batch[key])
-            bad = pos[(pos < 0) | (pos > T)]
-            if bad.size:
-                raise ValueError(f"{key} must lie in [0, T] = [0, {T}] (T: answer outside this window, "
-                                 f"ignored), found {int(bad[0])}")
+            check_labels(batch[key], T, key, ignore_index=T, shape=(B,))
 
 
 # --------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ from reference_numpy.layers.embeddings import (
     position_embedding_forward,
 )
 from reference_numpy.layers.norms import layer_norm_backward, layer_norm_forward, rms_norm_backward, rms_norm_forward
-from reference_numpy.losses import cross_entropy_backward, cross_entropy_forward
+from reference_numpy.losses import check_labels, cross_entropy_backward, cross_entropy_forward
 from reference_numpy.models.common import (
     check_cached_token_batch,
     check_token_batch,
@@ -217,12 +217,22 @@ def backward(params: Tree, cache: Any, dlogits: np.ndarray, config: GPTConfig) -
     return grads
 
 
+def check_loss_labels(batch: dict[str, Any], config: GPTConfig) -> None:
+    """The loss's ``labels`` (B, T), shaped like ``input_ids``, each in [0, V) or -100
+    (``losses.check_labels``: values when concrete; under ``jit`` the caller checks on the host).
+    Absent labels default to ``input_ids``, which the forward checks as token ids."""
+    require_keys(batch, ["input_ids"], "gpt")
+    if batch.get("labels") is not None:
+        check_labels(batch["labels"], config.vocab_size, "labels", shape=tuple(np.shape(batch["input_ids"])))
+
+
 def loss_and_grad(
     params: Tree, batch: dict[str, Any], config: GPTConfig, *, masks: Tree | None = None
 ) -> tuple[float, Tree]:
     """Mean next-token cross-entropy and its gradient, by the hand-written backward
     (``masks``: training dropout masks, see ``forward_with_cache``; None = evaluation)."""
     logits, cache = forward_with_cache(params, batch, config, masks=masks)
+    check_loss_labels(batch, config)
     labels = np.asarray(batch.get("labels", batch["input_ids"]))
     loss, c_loss = cross_entropy_forward(logits[:, :-1], labels[:, 1:])
     dlogits = np.zeros_like(logits)

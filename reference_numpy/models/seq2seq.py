@@ -77,7 +77,7 @@ from reference_numpy.layers.embeddings import (
     sinusoidal_positions,
 )
 from reference_numpy.layers.norms import layer_norm_backward, layer_norm_forward
-from reference_numpy.losses import IGNORE_INDEX, cross_entropy_backward, cross_entropy_forward
+from reference_numpy.losses import check_labels, cross_entropy_backward, cross_entropy_forward
 from reference_numpy.layers.attention import project_keys_values
 from reference_numpy.models.common import (
     check_cached_token_batch,
@@ -173,16 +173,11 @@ def check_encoder_output(enc: Any, batch: dict[str, Any], config: Seq2SeqConfig,
         check_array("attention_mask", mask, (batch_size, enc.shape[1]))
 
 
-def check_labels(batch: dict[str, Any], config: Seq2SeqConfig) -> np.ndarray:
-    """labels (B, T) ints in [0, V) or -100, shaped like decoder_input_ids."""
-    require_keys(batch, ["labels"], "seq2seq")
-    labels = batch["labels"]
-    check_array("labels", labels, tuple(np.shape(batch["decoder_input_ids"])), kind="int")
-    lab = np.asarray(labels)
-    bad = lab[(lab != IGNORE_INDEX) & ((lab < 0) | (lab >= config.vocab_size))]
-    if bad.size:
-        raise ValueError(f"labels must lie in [0, {config.vocab_size}) or equal -100, found {int(bad[0])}")
-    return lab
+def check_loss_labels(batch: dict[str, Any], config: Seq2SeqConfig) -> None:
+    """The loss's ``labels`` (B, T), shaped like ``decoder_input_ids``, each in [0, V) or -100
+    (``losses.check_labels``: values when concrete; under ``jit`` the caller checks on the host)."""
+    require_keys(batch, ["decoder_input_ids", "labels"], "seq2seq")
+    check_labels(batch["labels"], config.vocab_size, "labels", shape=tuple(np.shape(batch["decoder_input_ids"])))
 
 
 # --------------------------------------------------------------------------------------------
@@ -455,7 +450,8 @@ def loss_and_grad(
     -100 ignored) and its gradient, by the hand-written backward (``masks``: training dropout
     masks, see ``forward_with_cache``; None = evaluation)."""
     logits, cache = forward_with_cache(params, batch, config, masks=masks)
-    labels = check_labels(batch, config)
+    check_loss_labels(batch, config)
+    labels = np.asarray(batch["labels"])
     loss, c_loss = cross_entropy_forward(logits, labels, label_smoothing=config.label_smoothing)
     dlogits = cross_entropy_backward(c_loss, np.ones((), logits.dtype))
     return loss, backward(params, cache, dlogits, config)

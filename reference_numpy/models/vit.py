@@ -12,7 +12,7 @@ p / q index a pixel's row / column inside its patch (p = q = patch_size).
     h       = norm_f(x)                  last_hidden_state            (B, N + 1, D)
     pooled  = tanh(h[:, 0] W_pool + b_pool)  pooler_output            (B, D)   config.pooler
     logits  = h[:, 0] W_head + b_head                                 (B, num_labels)   config.classifier
-    loss    = CE(logits, labels)                                      labels (B,) in [0, num_labels)
+    loss    = CE(logits, labels)                                      labels (B,) in [0, num_labels), -100 ignored
 
 Options (``ViTConfig``), as HF: ``qkv_bias=False`` drops the query / key / value biases (the
 output projection keeps its bias); ``pooler`` adds the tanh pooler of HF ``ViTModel``
@@ -70,7 +70,7 @@ from typing import Any
 
 import numpy as np
 
-from reference_numpy.checks import check_array, check_ids
+from reference_numpy.checks import check_array
 from reference_numpy.configs import ViTConfig, param_shapes
 from reference_numpy.layers.block import BlockSpec, block_backward, block_forward
 from reference_numpy.layers.dropout import (
@@ -82,7 +82,7 @@ from reference_numpy.layers.dropout import (
 from reference_numpy.layers.embeddings import position_embedding_backward, position_embedding_forward
 from reference_numpy.layers.linear import linear_backward, linear_forward
 from reference_numpy.layers.norms import layer_norm_backward, layer_norm_forward
-from reference_numpy.losses import cross_entropy_backward, cross_entropy_forward
+from reference_numpy.losses import check_labels, cross_entropy_backward, cross_entropy_forward
 from reference_numpy.models.common import collect_blocks, init_params, layer, require_keys, stack
 from reference_numpy.tree import Tree, tree_zeros_like
 
@@ -131,12 +131,12 @@ def check_pixels(batch: dict[str, Any], config: ViTConfig, dtype: Any = None) ->
     return px
 
 
-def check_labels(batch: dict[str, Any], config: ViTConfig, batch_size: int) -> Any:
-    """labels: (B,) ints in [0, num_labels) (values checked when known)."""
+def check_loss_labels(batch: dict[str, Any], config: ViTConfig) -> None:
+    """The loss's ``labels`` (B,), B from ``pixel_values``, each in [0, num_labels) or -100
+    (ignored, as HF's ``ViTForImageClassification``); ``losses.check_labels``: values when
+    concrete, under ``jit`` the caller checks on the host."""
     require_keys(batch, ["pixel_values", "labels"], "vit")
-    labels = batch["labels"]
-    check_ids("labels", labels, config.num_labels, (batch_size,))
-    return labels
+    check_labels(batch["labels"], config.num_labels, "labels", shape=(np.shape(batch["pixel_values"])[0],))
 
 
 def from_conv_kernel(weight: np.ndarray) -> np.ndarray:
@@ -387,7 +387,7 @@ def loss_and_grad(
     hand-written backward (``masks``: training dropout masks, see ``forward_with_cache``;
     None = evaluation)."""
     logits, cache = forward_with_cache(params, batch, config, masks=masks)
-    labels = check_labels(batch, config, logits.shape[0])
-    loss, c_loss = cross_entropy_forward(logits, np.asarray(labels))
+    check_loss_labels(batch, config)
+    loss, c_loss = cross_entropy_forward(logits, np.asarray(batch["labels"]))
     dlogits = cross_entropy_backward(c_loss, np.ones((), logits.dtype))
     return loss, backward(params, cache, dlogits, config)
