@@ -87,6 +87,8 @@ class RunConfig:
     dtype: str = "float32"  # parameter dtype ("float32" or "float64"; float64 needs x64)
     seed: int = 0  # init, data order, dropout: the same seed gives the same run
     backend: str = "jax"  # "jax" (jit-compiled) or "numpy" (the reference, small models only)
+    mesh: str = ""  # device mesh of the JAX step, "data:2,fsdp:2,tensor:2" (bigmodel_jax.sharding); "": one
+    #                 device. Sizes missing are 1; their product must equal the number of devices.
     verify_steps: int = 0  # run the first N steps on both backends and stop if they diverge
     # --- evaluation, logging, checkpoints ----------------------------------------------------
     eval_every: int = 0  # evaluate on the validation split every N steps (0: only at the end)
@@ -349,6 +351,17 @@ def _check_model_overrides(cfg: RunConfig) -> None:
         raise ConfigError(f"{', '.join(named)} (preset {cfg.model!r}): {err}") from None
 
 
+def _mesh_sizes(text: str) -> dict[str, int]:
+    """``"data:2,fsdp:4"`` -> ``{"data": 2, "fsdp": 4}``, by ``bigmodel_jax.sharding.parse_mesh``
+    (imported only when a mesh is asked for: it loads jax)."""
+    from bigmodel_jax.sharding import parse_mesh
+
+    try:
+        return parse_mesh(text)
+    except ValueError as err:
+        raise ConfigError(f"mesh={text!r}: {err}") from None
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     """Range and consistency checks; returns ``cfg`` (model overrides coerced to their types)."""
     model_config_class(cfg.task)
@@ -378,6 +391,13 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(0 <= cfg.test_fraction < 1 and cfg.val_fraction + cfg.test_fraction < 1,
          f"test_fraction must be in [0, 1) with val_fraction + test_fraction < 1, got {cfg.test_fraction}")
     need(cfg.verify_steps >= 0, f"verify_steps must be >= 0, got {cfg.verify_steps}")
+    if cfg.mesh:
+        need(cfg.backend == "jax", "mesh shards the JAX step; the NumPy reference runs on one CPU")
+        sizes = _mesh_sizes(cfg.mesh)
+        split = sizes.get("data", 1) * sizes.get("fsdp", 1)
+        need(cfg.micro_batch_size % split == 0,
+             f"mesh {cfg.mesh}: the micro-batch of {cfg.micro_batch_size} examples (batch_size / accumulate_steps) "
+             f"must be divisible by data x fsdp = {split}")
     need(not (cfg.verify_steps and cfg.mixed_precision),
          "verify_steps compares float32 steps with the NumPy reference; turn mixed_precision off")
     need(not (cfg.mixed_precision and cfg.backend == "numpy"),

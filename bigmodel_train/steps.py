@@ -292,13 +292,18 @@ class JaxStepper:
     """
 
     def __init__(self, loss_fn: Callable[..., Any], cfg: Any, params: Tree, *, donate: bool = True,
-                 loss_key: Any = None, check_labels: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 loss_key: Any = None, check_labels: Callable[[dict[str, Any]], None] | None = None,
+                 model_config: Any = None) -> None:
         """``loss_fn(params, batch, *, dropout_key=None, masks=None) -> scalar`` (the task's JAX
         loss; traced inside the step); ``params`` a NumPy or JAX tree (float32 master weights).
         ``loss_key``: a hashable that identifies ``loss_fn``'s computation (e.g. the model config);
         steps with equal keys and optimizer settings share one compiled function.
         ``check_labels(micro_batch)``: raises ``ValueError`` on a bad label, run on the host before
-        each step (traced labels cannot be checked); None = ``task_label_check(loss_fn)``."""
+        each step (traced labels cannot be checked); None = ``task_label_check(loss_fn)``.
+        ``cfg.mesh`` (e.g. ``"data:2,fsdp:2,tensor:2"``; needs ``model_config``): parameters and
+        optimizer state are placed on that device mesh by the logical-axis rules of
+        ``bigmodel_jax.sharding`` and each micro-batch is split over ``(data, fsdp)``; the same
+        compiled step then runs SPMD (XLA inserts the collectives)."""
         import jax
         import jax.numpy as jnp
 
@@ -309,18 +314,21 @@ class JaxStepper:
         self.optimizer = _optimizer_with_lr(cfg.optimizer, opt_kw, None)
         self.mixed_precision = bool(cfg.mixed_precision)
         self.base_key = jax.random.key(cfg.seed)
-        self.params = to_jax(tree_map(np.asarray, params))
-        self.opt_state = self.optimizer.init(self.params)
+        self.placement = _Placement.build(getattr(cfg, "mesh", ""), model_config, params)
+        self.params = self.placement.put_params(to_jax(tree_map(np.asarray, params)))
+        self.opt_state = self.placement.init_state(self.optimizer, self.params)
         self.paths = leaf_paths(self.params)
         self.check_labels = task_label_check(loss_fn) if check_labels is None else check_labels
         floats = [x.dtype for x in jax.tree.leaves(self.params) if jnp.issubdtype(x.dtype, jnp.floating)]
         self.lr_dtype = jnp.result_type(*floats)
         cache_key = None if loss_key is None else (
-            loss_key, cfg.optimizer, tuple(sorted(opt_kw.items())), self.mixed_precision, donate)
+            loss_key, cfg.optimizer, tuple(sorted(opt_kw.items())), self.mixed_precision, donate,
+            self.placement.key)
         if cache_key is not None and cache_key in _STEP_CACHE:
             self._step = _STEP_CACHE[cache_key]
         else:
-            self._step = _compile_step(loss_fn, cfg.optimizer, opt_kw, self.mixed_precision, self.lr_dtype, donate)
+            self._step = _compile_step(loss_fn, cfg.optimizer, opt_kw, self.mixed_precision, self.lr_dtype, donate,
+                                       self.placement.out_shardings(self.params, self.opt_state))
             if cache_key is not None:
                 _STEP_CACHE[cache_key] = self._step
 
@@ -331,14 +339,15 @@ class JaxStepper:
         import jax.numpy as jnp
 
         check_micro_batch_labels(self.check_labels, step, micro_batches)
-        batches = {key: jnp.asarray(np.stack([np.asarray(b[key]) for b in micro_batches]))
+        batches = {key: self.placement.put_batch(np.stack([np.asarray(b[key]) for b in micro_batches]))
                    for key in micro_batches[0]}
         stacked = None
         if masks is not None and any(m is not None for m in masks):
             stacked = tree_map(lambda *ms: jnp.asarray(np.stack([np.asarray(m) for m in ms])), *masks)
         lr = jnp.asarray(self.schedule(step), self.lr_dtype)
-        self.params, self.opt_state, out = self._step(self.params, self.opt_state, batches,
-                                                      jnp.asarray(step, jnp.int32), lr, self.base_key, stacked)
+        with self.placement.context():  # the activation constraints' rules, while tracing
+            self.params, self.opt_state, out = self._step(self.params, self.opt_state, batches,
+                                                          jnp.asarray(step, jnp.int32), lr, self.base_key, stacked)
         loss = float(out.loss)
         grad_ok, param_ok = np.asarray(out.grad_ok).tolist(), np.asarray(out.param_ok).tolist()
         return StepOutput(loss, float(out.grad_norm), first_nonfinite(loss, grad_ok, param_ok, self.paths))
@@ -382,13 +391,83 @@ class JaxStepper:
 
         from bigmodel_jax.tree import to_jax
 
-        self.params = to_jax(tree_map(np.asarray, params))
-        template = self.optimizer.init(self.params)
+        self.params = self.placement.put_params(to_jax(tree_map(np.asarray, params)))
+        template = self.placement.init_state(self.optimizer, self.params)
 
         def convert(saved: np.ndarray, like: Any) -> Any:
-            return jnp.asarray(saved, dtype=like.dtype) if hasattr(like, "dtype") else type(like)(saved)
+            if not hasattr(like, "dtype"):
+                return type(like)(saved)
+            value = jnp.asarray(saved, dtype=like.dtype)
+            return self.placement.put_like(value, like)
 
         self.opt_state = unflatten_state(opt_flat, template, convert)
+
+
+class _Placement:
+    """Where the step's arrays live: the default device, or a mesh (``RunConfig.mesh``) with the
+    logical-axis rules of ``bigmodel_jax.sharding``. One object, so the stepper's code is the same
+    either way."""
+
+    def __init__(self, mesh: Any = None, param_shardings: Any = None, sizes: tuple[tuple[str, int], ...] = ()) -> None:
+        self.mesh, self.param_shardings, self.key = mesh, param_shardings, sizes
+
+    @classmethod
+    def build(cls, mesh_text: str, model_config: Any, params: Tree) -> _Placement:
+        if not mesh_text:
+            return cls()
+        if model_config is None:
+            raise ValueError("a mesh needs the model config (its parameters' logical axes)")
+        from bigmodel_jax import sharding
+
+        sizes = sharding.parse_mesh(mesh_text)
+        mesh = sharding.make_mesh(sizes)
+        return cls(mesh, sharding.param_shardings(model_config, mesh, params=params), tuple(sorted(sizes.items())))
+
+    def put_params(self, params: Tree) -> Tree:
+        import jax
+
+        return params if self.mesh is None else jax.device_put(params, self.param_shardings)
+
+    def init_state(self, optimizer: Any, params: Tree) -> Any:
+        if self.mesh is None:
+            return optimizer.init(params)
+        from bigmodel_jax import sharding
+
+        # every moment is created in its parameter's sharding: the optimizer state is sharded like
+        # the parameters (ZeRO-3 / FSDP on the fsdp axis); counters are replicated
+        return sharding.init_opt_state(optimizer, params)
+
+    def put_batch(self, x: np.ndarray) -> Any:
+        """A stacked micro-batch leaf (k, B, ...): B split over (data, fsdp) on a mesh."""
+        import jax
+        import jax.numpy as jnp
+
+        if self.mesh is None or x.ndim < 2:
+            return jnp.asarray(x)
+        from bigmodel_jax import sharding
+
+        return jax.device_put(x, sharding.batch_sharding(self.mesh, x.ndim, batch_axis=1))
+
+    def put_like(self, value: Any, like: Any) -> Any:
+        import jax
+
+        return value if self.mesh is None else jax.device_put(value, like.sharding)
+
+    def out_shardings(self, params: Tree, opt_state: Any) -> Any:
+        import jax
+
+        if self.mesh is None:
+            return None
+        return (self.param_shardings, jax.tree.map(lambda x: x.sharding, opt_state), None)
+
+    def context(self) -> Any:
+        import contextlib
+
+        if self.mesh is None:
+            return contextlib.nullcontext()
+        from bigmodel_jax import sharding
+
+        return sharding.use_mesh(self.mesh)
 
 
 def _optimizer_with_lr(name: str, opt_kw: dict[str, Any], lr: Any) -> Any:
@@ -400,7 +479,7 @@ def _optimizer_with_lr(name: str, opt_kw: dict[str, Any], lr: Any) -> Any:
 
 
 def _compile_step(loss_fn: Callable[..., Any], name: str, opt_kw: dict[str, Any], mixed: bool, lr_dtype: Any,
-                  donate: bool) -> Any:
+                  donate: bool, out_shardings: Any = None) -> Any:
     """The jit-compiled update (module docstring) for one loss and optimizer configuration."""
     import jax
     import jax.numpy as jnp
@@ -449,4 +528,7 @@ def _compile_step(loss_fn: Callable[..., Any], name: str, opt_kw: dict[str, Any]
         out = _JaxOut(loss, optax.tree.norm(grads), grad_ok, param_ok)
         return keep(new_params, params), keep(new_opt, opt_state), out
 
-    return jax.jit(train_step, donate_argnums=(0, 1) if donate else ())
+    if out_shardings is None:
+        return jax.jit(train_step, donate_argnums=(0, 1) if donate else ())
+    # on a mesh the updated state keeps the input's placement, so every step reuses one executable
+    return jax.jit(train_step, donate_argnums=(0, 1) if donate else (), out_shardings=out_shardings)

@@ -152,7 +152,7 @@ def _make_stepper(task: Task, cfg: RunConfig, params: Tree) -> Any:
         import jax
 
         jax.config.update("jax_enable_x64", True)
-    return JaxStepper(task.jax_loss, cfg, params, loss_key=task.loss_key())
+    return JaxStepper(task.jax_loss, cfg, params, loss_key=task.loss_key(), model_config=task.model_config)
 
 
 def _ref_masks(task: Task, cfg: RunConfig, step: int, micro: list[dict[str, Any]]) -> list[Any] | None:
@@ -413,7 +413,7 @@ def _latest(run_dir: Path) -> str | None:
 # Config fields a resumed run may change (they do not affect the parameters' trajectory).
 _RESUMABLE_CHANGES = {"steps", "eval_every", "log_every", "checkpoint_every", "keep_last", "progress", "plots",
                       "tensorboard", "sample_tokens", "prompt", "max_eval_examples", "eval_batch_size",
-                      "verify_steps"}
+                      "verify_steps", "mesh"}  # mesh: checkpoints hold whole arrays, restored onto any mesh
 
 
 def _check_resume_config(saved: RunConfig, given: RunConfig) -> None:

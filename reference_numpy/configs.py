@@ -461,10 +461,35 @@ _AXIS_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     ("pooler/kernel", ("embed", None)),
     ("pooler/bias", (None,)),
     ("final_logits_bias", ("vocab",)),
+    # BERT heads (reference_numpy.models.bert.head_shapes; not in param_shapes(config), which is
+    # the encoder): listed before the generic "bias" so their V / C / 2 axes are not called embed
+    ("mlm/transform/kernel", ("embed", None)),
+    ("mlm/bias", ("vocab",)),
+    ("classifier/kernel", ("embed", "classes")),
+    ("classifier/bias", ("classes",)),
+    ("qa/kernel", ("embed", None)),
+    ("qa/bias", (None,)),
     ("scale", ("embed",)),
     ("bias", ("embed",)),
     ("cls_token", ("embed",)),
 )
+
+
+def _rule_names(path: str) -> tuple[str | None, ...] | None:
+    """The first ``_AXIS_RULES`` entry whose suffix ends ``path`` (unstacked names), or None."""
+    return next((n for suffix, n in _AXIS_RULES if path.endswith(suffix)), None)
+
+
+def axes_for_path(path: str, ndim: int, stacked: bool) -> tuple[str | None, ...] | None:
+    """Logical axis names of the leaf at ``path`` ("layers/attn/query/kernel"; keys joined by
+    "/") with ``ndim`` dimensions, or None when no rule names it or the rule's rank (plus the
+    leading ``"layers"`` axis when ``stacked``) is not ``ndim``. Serves any tree with our leaf
+    names, e.g. one with a BERT head, which ``param_axes(config)`` does not list."""
+    names = _rule_names(path)
+    if names is None:
+        return None
+    names = (("layers",) if stacked else ()) + names
+    return names if len(names) == ndim else None
 
 
 def param_axes(config: Config) -> dict[str, Any]:
@@ -478,13 +503,13 @@ def param_axes(config: Config) -> dict[str, Any]:
             if isinstance(v, dict):
                 out[k] = walk(v, p)
                 continue
-            names = next((n for suffix, n in _AXIS_RULES if p.endswith(suffix)), None)
-            if names is None:
+            if _rule_names(p) is None:
                 raise KeyError(f"no logical axis rule for parameter {p}")
             stacked = "layers/" in p
-            names = (("layers",) if stacked else ()) + names
-            if len(names) != len(v):
-                raise AssertionError(f"axis rule for {p} gives {names} for shape {v}")
+            names = axes_for_path(p, len(v), stacked)
+            if names is None:
+                raise AssertionError(f"axis rule for {p} gives {(('layers',) if stacked else ()) + _rule_names(p)} "
+                                     f"for shape {v}")
             out[k] = names
         return out
 

@@ -1,4 +1,4 @@
-"""Test set-up: x64 JAX (so float64 parity is possible), hypothesis profiles.
+"""Test set-up: x64 JAX (so float64 parity is possible), 8 simulated CPU devices, hypothesis profiles.
 
 Profiles: ``ci`` (default; bounded examples, no deadline, so a slow compile never flakes) and
 ``thorough`` (many examples) selected with ``BIGMODEL_HYPOTHESIS_PROFILE=thorough``.
@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import os
 
-import jax
-from hypothesis import HealthCheck, settings
+# 8 simulated CPU devices (issue 15: sharded runs on meshes of 8); must be set before jax loads
+# its CPU backend. Kept if the caller already chose a device count.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+import jax  # noqa: E402  (after XLA_FLAGS)
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 

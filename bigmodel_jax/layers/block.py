@@ -16,6 +16,7 @@ from bigmodel_jax.layers.dropout import dropout
 from bigmodel_jax.layers.mlp import MLP, GatedMLP, gated_mlp, mlp
 from bigmodel_jax.layers.norms import LayerNorm, RMSNorm, layer_norm, rms_norm
 from bigmodel_jax.perf import PerfOptions
+from bigmodel_jax.sharding import ACTIVATION_NAMES
 from reference_numpy.layers.block import BlockSpec
 
 __all__ = ["Block", "BlockSpec", "block"]
@@ -53,6 +54,10 @@ def block(
     if cache is not None and cache_pos is None:
         raise ValueError("a cache needs cache_pos, the slot of the first new token")
     norm = layer_norm if spec.norm == "layer" else rms_norm
+    # the residual stream at the block's boundaries is (B, T, D) split over the batch axes only
+    # (bigmodel_jax.sharding.use_mesh maps these names), so XLA does not guess a layout for it
+    # from the weights'; without that context the constraint is a no-op
+    x = nn.with_logical_constraint(x, ACTIVATION_NAMES)
 
     def drop(name: str, o: jax.Array) -> jax.Array:
         return dropout(o, masks[name], spec.dropout_rate) if name in masks else o
@@ -89,6 +94,7 @@ def block(
         h = sublayer("cross", h, cross_attn)
     mlp_fn = gated_mlp if spec.gated_mlp else mlp
     y = sublayer("mlp", h, lambda n: mlp_fn(params["mlp"], n, activation=spec.activation, perf=perf))
+    y = nn.with_logical_constraint(y, ACTIVATION_NAMES)
     return y if cache is None else (y, new_cache)
 
 
