@@ -12,6 +12,15 @@ import os
 # its CPU backend. Kept if the caller already chose a device count.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# The 8 simulated devices of a sharded step meet at every collective. XLA:CPU aborts the whole
+# process (SIGABRT, no Python error) when one device's thread is more than its default rendezvous
+# timeout behind the others, which 2 test workers x 8 devices on 2 cores did reach once in CI
+# (seq2seq on (2,2,2)). Slow is not wrong here: wait as long as a test may take.
+for flag in ("--xla_cpu_collective_call_terminate_timeout_seconds=1800",
+             "--xla_cpu_collective_call_warn_stuck_timeout_seconds=600",
+             "--xla_cpu_collective_timeout_seconds=1800"):
+    if flag.split("=")[0] not in os.environ["XLA_FLAGS"]:
+        os.environ["XLA_FLAGS"] += " " + flag
 
 import jax  # noqa: E402  (after XLA_FLAGS)
 from hypothesis import HealthCheck, settings  # noqa: E402
