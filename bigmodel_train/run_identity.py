@@ -119,9 +119,9 @@ def check_checkpoint(state: dict[str, Any], path: str | os.PathLike[str], run_di
             raise RunMismatchError(f"{where} holds a different model than {run_dir} builds: " + "; ".join(diff))
     saved_cfg = state.get("config")
     if isinstance(saved_cfg, dict):
-        diff = config_differences(_flat(saved_cfg), _flat(dataclasses.asdict(run_config)),
-                                  [k for k in _flat(saved_cfg) | _flat(dataclasses.asdict(run_config))
-                                   if k.split(".")[0] in MODEL_FIELDS or k.startswith("model.")])
+        saved, current = _flat(saved_cfg), _flat(dataclasses.asdict(run_config))
+        diff = config_differences(saved, current, [k for k in saved | current
+                                                   if k in MODEL_FIELDS or k.startswith("model.")])
         if diff:
             raise RunMismatchError(f"{where} was trained with different settings than {run_dir}/config.json: "
                                    + "; ".join(diff))

@@ -328,7 +328,7 @@ class JaxStepper:
             self._step = _STEP_CACHE[cache_key]
         else:
             self._step = _compile_step(loss_fn, cfg.optimizer, opt_kw, self.mixed_precision, self.lr_dtype, donate,
-                                       self.placement.out_shardings(self.params, self.opt_state))
+                                       self.placement.out_shardings(self.opt_state))
             if cache_key is not None:
                 _STEP_CACHE[cache_key] = self._step
 
@@ -453,7 +453,7 @@ class _Placement:
 
         return value if self.mesh is None else jax.device_put(value, like.sharding)
 
-    def out_shardings(self, params: Tree, opt_state: Any) -> Any:
+    def out_shardings(self, opt_state: Any) -> Any:
         import jax
 
         if self.mesh is None:
