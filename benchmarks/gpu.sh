@@ -8,8 +8,11 @@
 #
 # Writes under $OUT: gpu-<run>.{json,md,png} per run (each as soon as that run finishes),
 # targets-gpu.{md,json} (the issue's GPU targets), log.txt, nvidia-smi.txt, env.txt.
+# With more than one GPU (jax.device_count() > 1) a second run trains on meshes over all of them,
+# data-parallel (data:N) and FSDP (fsdp:N), against one GPU: mesh-gpu.{json,md}, mesh-log.txt
+# (~1 minute); on one GPU mesh-skipped.txt says it was skipped and why.
 # Environment knobs: BENCH_PLAN (default gpu; "smoke" checks this script on a CPU in seconds),
-# BENCH_TIMEOUT (seconds, default 460), PYTHON (default python3).
+# BENCH_TIMEOUT (seconds, default 460), MESH_TIMEOUT (seconds, default 120), PYTHON (default python3).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -43,6 +46,26 @@ timeout --signal=TERM --kill-after=15 "${BENCH_TIMEOUT:-460}" \
 tail -n 60 "$OUT/log.txt"
 if [ "$status" -ne 0 ]; then
     echo "bench exited with status $status (124 = timed out; finished runs are in $OUT)" >&2
+fi
+
+# Multi-GPU: the training step on a data-parallel and an FSDP mesh over every GPU, against one GPU
+# (bigmodel bench --mesh). The batch is 4 examples per GPU, so both meshes divide it.
+ndev=$("$PY" -c 'import jax; print(jax.device_count())' 2>/dev/null | tail -n 1) || ndev=0
+case "$ndev" in ''|*[!0-9]*) ndev=0 ;; esac
+if [ "$ndev" -gt 1 ]; then
+    if [ "$PLAN" = smoke ]; then mesh_wl=(--preset gpt2-tiny --seq-len 16); else mesh_wl=(--preset gpt2 --seq-len 256); fi
+    mesh_status=0
+    timeout --signal=TERM --kill-after=15 "${MESH_TIMEOUT:-120}" \
+        "$PY" benchmarks/bench.py --mesh "data:$ndev" "fsdp:$ndev" "${mesh_wl[@]}" --batch $((4 * ndev)) \
+        --mesh-steps 10 --out "$OUT" --name mesh-gpu > "$OUT/mesh-log.txt" 2>&1 || mesh_status=$?
+    tail -n 20 "$OUT/mesh-log.txt"
+    if [ "$mesh_status" -ne 0 ]; then
+        echo "bench --mesh exited with status $mesh_status (124 = timed out; see $OUT/mesh-log.txt)" >&2
+        [ "$status" -ne 0 ] || status=$mesh_status
+    fi
+else
+    echo "multi-GPU mesh run skipped: jax.device_count() = $ndev, a data-parallel / FSDP mesh needs more than one device" \
+        | tee "$OUT/mesh-skipped.txt"
 fi
 ls -l "$OUT"
 exit "$status"

@@ -73,6 +73,7 @@ __all__ = [
     "parse_mesh",
     "shard_batch",
     "shard_params",
+    "spec_axes",
     "use_mesh",
 ]
 
@@ -186,6 +187,36 @@ def _check_rules(rules: Rules, mesh: Mesh | None = None) -> dict[str, tuple[str,
     return table
 
 
+def spec_axes(
+    names: Sequence[str | None], shape: Sequence[int], mesh_sizes: Mapping[str, int],
+    table: Mapping[str, tuple[str, ...]], *, dropped: list[str] | None = None,
+) -> tuple[tuple[str, ...], ...]:
+    """The mesh axes each dimension is split over (``logical_spec``'s rule on plain mesh sizes,
+    so the memory planner computes splits without a mesh or devices): a dimension takes its
+    name's mesh axes from ``table`` ({logical name: mesh axes}, as ``_check_rules`` returns),
+    keeping an axis only if its size is > 1, no earlier dimension used it, and it divides the
+    dimension together with the axes kept before it. An axis dropped for divisibility is
+    described in ``dropped`` (when given). A mesh axis missing from ``mesh_sizes`` has size 1."""
+    used: set[str] = set()
+    out: list[tuple[str, ...]] = []
+    for name, dim in zip(names, shape):
+        kept: list[str] = []
+        for axis in table.get(name, ()) if name is not None else ():
+            size = mesh_sizes.get(axis, 1)
+            if size == 1 or axis in used:
+                continue
+            split = math.prod(mesh_sizes.get(a, 1) for a in kept) * size
+            if dim % split:
+                if dropped is not None:
+                    dropped.append(f"{name}={dim} not divisible by {'x'.join([*kept, axis])}={split}; "
+                                   f"replicated along {axis}")
+                continue
+            kept.append(axis)
+            used.add(axis)
+        out.append(tuple(kept))
+    return tuple(out)
+
+
 def logical_spec(
     names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules | None = None,
     *, what: str = "array",
@@ -199,22 +230,9 @@ def logical_spec(
     if len(names) != len(shape):
         raise ValueError(f"{what}: {len(names)} axis names {tuple(names)} for shape {tuple(shape)}")
     table = _check_rules(DEFAULT_RULES if rules is None else rules, mesh)
-    used: set[str] = set()
-    spec: list[Any] = []
     dropped: list[str] = []
-    for name, dim in zip(names, shape):
-        kept: list[str] = []
-        for axis in table.get(name, ()) if name is not None else ():
-            size = mesh.shape[axis]
-            if size == 1 or axis in used:
-                continue
-            if dim % (math.prod(mesh.shape[a] for a in kept) * size):
-                dropped.append(f"{name}={dim} not divisible by {'x'.join([*kept, axis])}="
-                               f"{math.prod(mesh.shape[a] for a in kept) * size}; replicated along {axis}")
-                continue
-            kept.append(axis)
-            used.add(axis)
-        spec.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    axes = spec_axes(names, shape, dict(mesh.shape), table, dropped=dropped)
+    spec: list[Any] = [None if not kept else kept[0] if len(kept) == 1 else kept for kept in axes]
     if dropped:
         logger.info("%s: %s", what, "; ".join(dropped))
     while spec and spec[-1] is None:  # P("fsdp", None) == P("fsdp"); the short form reads better

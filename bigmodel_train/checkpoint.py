@@ -1,5 +1,13 @@
 """Training-state checkpoints: everything needed to resume a run, in one safetensors file per step.
 
+The trainer writes Orbax steps (``bigmodel_train.orbax_checkpoint``: a directory per step,
+``checkpoints/step_{step:08d}/``, sharded and async); this module is the format before that,
+still read and written for runs that hold it and for any state dict a user saves. Its
+directory functions cover both kinds: :func:`list_checkpoints` / :func:`latest_checkpoint` list
+Orbax step directories and files together (at equal steps the directory counts as newer), and
+:func:`load_checkpoint` / :func:`verify_checkpoint` / :func:`checkpoint_step` given a step
+directory read it through Orbax into the same state dict (loading jax).
+
 A *state* is a dict of anything a trainer carries between steps, for example::
 
     {"params": tree, "opt_state": opt.init(params), "step": 1200,
@@ -102,6 +110,9 @@ CHECKPOINT_DIR = "checkpoints"
 _NAME_RE = re.compile(r"step_(\d{8,})\.safetensors")
 # What bigmodel_port.atomic names its temporaries: ".<target name>.<12 hex>.tmp".
 _TMP_RE = re.compile(r"\.step_\d{8,}\.safetensors\.[0-9a-f]+\.tmp")
+# Orbax step directories (bigmodel_train.orbax_checkpoint) and its save temporaries.
+_DIR_RE = re.compile(r"step_(\d{8,})")
+_ORBAX_TMP_RE = re.compile(r"step_\d{8,}\.orbax-checkpoint-tmp.*")
 
 
 class _AsSaved:
@@ -172,8 +183,10 @@ def _listed(run_dir: str | os.PathLike[str], stacklevel: int) -> list[tuple[int,
 
 def _scan(directory: Path) -> tuple[list[tuple[int, Path]], list[str], list[str]]:
     """``(checkpoints by step, problems, foreign entries)`` of a checkpoint directory: problems
-    are entries named like a checkpoint that are not (readable) files; foreign entries are
-    neither ours nor checkpoints."""
+    are entries named like a checkpoint that are not (readable) checkpoints; foreign entries are
+    neither ours nor checkpoints. Orbax step directories (``step_<digits>/``) and files of the
+    earlier format (``step_<digits>.safetensors``) are both checkpoints; at equal steps the
+    directory sorts last (it is the newer format)."""
     if not directory.exists() and not directory.is_symlink():
         return [], [], []
     if not directory.is_dir():
@@ -181,9 +194,16 @@ def _scan(directory: Path) -> tuple[list[tuple[int, Path]], list[str], list[str]
                               "checkpoints)")
     found, problems, foreign = [], [], []
     for entry in os.scandir(directory):
+        d = _DIR_RE.fullmatch(entry.name)
+        if d is not None:
+            if is_orbax_step(Path(entry.path)):
+                found.append((int(d.group(1)), Path(entry.path)))
+            else:
+                problems.append(f"{entry.path} is not a complete checkpoint (no meta/; remove it)")
+            continue
         m = _NAME_RE.fullmatch(entry.name)
         if m is None:
-            if not _TMP_RE.fullmatch(entry.name):
+            if not (_TMP_RE.fullmatch(entry.name) or _ORBAX_TMP_RE.fullmatch(entry.name)):
                 foreign.append(entry.path)
             continue
         try:
@@ -201,7 +221,12 @@ def _scan(directory: Path) -> tuple[list[tuple[int, Path]], list[str], list[str]
         else:
             kind = "a directory" if is_dir else "not a regular file"
             problems.append(f"{entry.path} is {kind}, not a checkpoint file (remove or rename it)")
-    return sorted(found), problems, sorted(foreign)
+    return sorted(found, key=lambda sp: (sp[0], sp[1].is_dir())), problems, sorted(foreign)
+
+
+def is_orbax_step(path: Path) -> bool:
+    """An Orbax step directory of ours (``step_<digits>/`` holding the ``meta`` item)."""
+    return path.is_dir() and (path / "meta").is_dir()
 
 
 def _warn_foreign(foreign: list[str], stacklevel: int) -> None:
@@ -237,6 +262,8 @@ def latest_checkpoint(run_dir: str | os.PathLike[str], *, valid_only: bool = Fal
 def checkpoint_step(path: str | os.PathLike[str]) -> int:
     """The step a checkpoint was saved at (reads only the file's header)."""
     path = Path(path)
+    if path.is_dir():
+        return int(_orbax().read_meta(path)["step"])
     meta = _checked_metadata(path)
     try:
         return _check_step(int(meta["step"]))
@@ -301,14 +328,15 @@ def _prune(run_dir: str | os.PathLike[str], step: int, keep_last: int | None) ->
     _warn_foreign(foreign, stacklevel=4)
     for problem in problems:
         warnings.warn(f"{problem}; it is not pruned", RuntimeWarning, stacklevel=3)
-    later = [s for s, _ in found if s > step]
+    later = sorted({s for s, _ in found if s > step})
     if later:
         warnings.warn(f"{Path(run_dir) / CHECKPOINT_DIR} holds checkpoints of later steps "
                       f"{later} than the one just saved ({step}); latest_checkpoint returns the "
                       "highest step", RuntimeWarning, stacklevel=3)
     if keep_last is None:
         return
-    for s, p in found[:-keep_last]:
+    files = [(s, p) for s, p in found if not p.is_dir()]  # Orbax prunes its own steps
+    for s, p in files[:-keep_last]:
         if s != step:
             try:
                 os.unlink(p)
@@ -882,7 +910,7 @@ def _deserialize(arrays: Mapping[str, np.ndarray], structure: Any, like: Any, *,
 def _checked_metadata(path: Path) -> dict[str, str]:
     """The header metadata of a checkpoint file, after checking format and version."""
     if path.is_dir():
-        raise CheckpointError(f"{path} is a directory; pass a checkpoint file "
+        raise CheckpointError(f"{path} is a directory, not a checkpoint "
                               "(latest_checkpoint(run_dir) finds the newest)")
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -922,15 +950,20 @@ def _read(path: Path) -> tuple[dict[str, str], Any, dict[str, np.ndarray]]:
 def verify_checkpoint(path: str | os.PathLike[str]) -> None:
     """Raise :class:`CheckpointError` naming ``path`` unless it is a complete, intact checkpoint:
     a valid header of this format, a structure whose every array is in the file with the
-    recorded dtype, shape and CRC-32. Builds no JAX values (works without jax installed)."""
+    recorded dtype, shape and CRC-32. For a file of this format it builds no JAX values (works
+    without jax installed); an Orbax step directory is read whole through Orbax (loads jax)."""
     path = Path(path)
+    if path.is_dir():
+        _orbax().read_state(path)
+        return
     _, structure, arrays = _read(path)
     _deserialize(arrays, structure, None, as_numpy=True, file=path)
 
 
 def load_checkpoint(path: str | os.PathLike[str], like: Any = None, *,
                     as_numpy: bool = False) -> dict[str, Any]:
-    """The state dict saved in the checkpoint file ``path``.
+    """The state dict saved in the checkpoint file ``path`` (or Orbax step directory: then read
+    whole, without ``like``; restore onto shardings with ``orbax_checkpoint.read_state``).
 
     ``like``: optional template state; the result then has ``like``'s exact container and leaf
     types (see the module docstring), and any difference in structure, shape or dtype raises
@@ -940,5 +973,28 @@ def load_checkpoint(path: str | os.PathLike[str], like: Any = None, *,
     checkpoint, or from a newer format version.
     """
     path = Path(path)
+    if path.is_dir():
+        if like is not None:
+            raise ValueError(f"{path} is an Orbax step directory: restore it onto templates with "
+                             "bigmodel_train.orbax_checkpoint.read_state(path, targets)")
+        state = _orbax().read_state(path)
+        if not as_numpy:
+            import jax.numpy as jnp
+
+            state = _map_arrays(state, jnp.asarray)
+        return state
     _, structure, arrays = _read(path)
     return _deserialize(arrays, structure, like, as_numpy=as_numpy, file=path)
+
+
+def _orbax() -> Any:
+    """``bigmodel_train.orbax_checkpoint``, imported on first use (it loads jax and orbax)."""
+    from bigmodel_train import orbax_checkpoint
+
+    return orbax_checkpoint
+
+
+def _map_arrays(node: Any, fn: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _map_arrays(v, fn) for k, v in node.items()}
+    return fn(node) if isinstance(node, np.ndarray) else node

@@ -20,6 +20,7 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 import tomllib
 import types
 import typing
@@ -90,6 +91,11 @@ class RunConfig:
     mesh: str = ""  # device mesh of the JAX step, "data:2,fsdp:2,tensor:2" (bigmodel_jax.sharding); "": one
     #                 device. Sizes missing are 1; their product must equal the number of devices.
     verify_steps: int = 0  # run the first N steps on both backends and stop if they diverge
+    # --- several processes (hosts): bigmodel_train.distributed --------------------------------
+    coordinator: str = ""  # HOST:PORT of process 0's coordinator ("auto": JAX's cluster detection;
+    #                        "": one process, unless JAX_COORDINATOR_ADDRESS is set)
+    num_processes: int = 0  # processes in the run (0: from JAX's environment)
+    process_id: int = -1  # this process's index (-1: from JAX's environment)
     # --- evaluation, logging, checkpoints ----------------------------------------------------
     eval_every: int = 0  # evaluate on the validation split every N steps (0: only at the end)
     eval_batch_size: int = 64  # examples per evaluation batch
@@ -398,6 +404,18 @@ def validate(cfg: RunConfig) -> RunConfig:
         need(cfg.micro_batch_size % split == 0,
              f"mesh {cfg.mesh}: the micro-batch of {cfg.micro_batch_size} examples (batch_size / accumulate_steps) "
              f"must be divisible by data x fsdp = {split}")
+    need(cfg.num_processes >= 0, f"num_processes must be >= 0 (0: from JAX's environment), got {cfg.num_processes}")
+    need(cfg.process_id >= -1, f"process_id must be >= 0 (-1: from JAX's environment), got {cfg.process_id}")
+    need(cfg.num_processes == 0 or cfg.process_id < cfg.num_processes,
+         f"process_id={cfg.process_id} must be < num_processes={cfg.num_processes}")
+    if cfg.coordinator or cfg.num_processes > 1:  # (the coordinator may also come from JAX's environment)
+        need(cfg.coordinator in ("", "auto") or re.fullmatch(r"[\w.\-\[\]:]+:\d{1,5}", cfg.coordinator) is not None,
+             f"coordinator must be HOST:PORT or auto, got {cfg.coordinator!r}")
+        need(cfg.backend == "jax" and bool(cfg.mesh),
+             "a multi-process run shards the JAX step over one mesh spanning every process: set backend=jax "
+             "and mesh=... (its size is the total number of devices)")
+        need(cfg.verify_steps == 0, "verify_steps runs the NumPy reference beside the step in one process; "
+             "verify on one host first")
     need(not (cfg.verify_steps and cfg.mixed_precision),
          "verify_steps compares float32 steps with the NumPy reference; turn mixed_precision off")
     need(not (cfg.mixed_precision and cfg.backend == "numpy"),

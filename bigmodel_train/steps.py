@@ -155,7 +155,7 @@ def unflatten_state(flat: dict[str, Any], template: Any, convert: Callable[[Any,
     for key, like in tree_flatten(template, sequences=True).items():
         if key not in flat:
             raise KeyError(f"optimizer state in the checkpoint has no entry {key!r} (different optimizer?)")
-        saved = np.asarray(flat[key])
+        saved = flat[key]  # left where it is (a restored sharded array is not copied to the host)
         if np.shape(saved) != np.shape(like):
             raise ValueError(f"optimizer state {key!r}: checkpoint shape {np.shape(saved)} != {np.shape(like)}")
         values[key] = convert(saved, like)
@@ -252,6 +252,18 @@ class ReferenceStepper:
     def opt_state_flat(self) -> dict[str, np.ndarray]:
         return flatten_state(self.opt_state)
 
+    def state_arrays(self) -> dict[str, Any]:
+        """Parameters and flat optimizer state, as NumPy (an Orbax checkpoint's arrays)."""
+        return {"params": self.params, "opt_state": self.opt_state_flat()}
+
+    def state_targets(self) -> dict[str, Any]:
+        """Templates a checkpoint is restored onto: NumPy arrays of the current state's shapes."""
+        return self.state_arrays()
+
+    def set_state(self, arrays: dict[str, Any]) -> None:
+        """Take restored ``state_targets()``-shaped arrays as the current state."""
+        self.load(arrays["params"], arrays["opt_state"])
+
     def load(self, params: Tree, opt_flat: dict[str, Any]) -> None:
         """Restore parameters and optimizer state (from a checkpoint)."""
         self.params = tree_map(lambda a: np.array(a, copy=True), params)
@@ -339,6 +351,7 @@ class JaxStepper:
         import jax.numpy as jnp
 
         check_micro_batch_labels(self.check_labels, step, micro_batches)
+        # on several processes, micro_batches hold this process's rows only (local_rows)
         batches = {key: self.placement.put_batch(np.stack([np.asarray(b[key]) for b in micro_batches]))
                    for key in micro_batches[0]}
         stacked = None
@@ -348,9 +361,14 @@ class JaxStepper:
         with self.placement.context():  # the activation constraints' rules, while tracing
             self.params, self.opt_state, out = self._step(self.params, self.opt_state, batches,
                                                           jnp.asarray(step, jnp.int32), lr, self.base_key, stacked)
-        loss = float(out.loss)
-        grad_ok, param_ok = np.asarray(out.grad_ok).tolist(), np.asarray(out.param_ok).tolist()
-        return StepOutput(loss, float(out.grad_norm), first_nonfinite(loss, grad_ok, param_ok, self.paths))
+        loss = float(_host(out.loss))
+        grad_ok, param_ok = _host(out.grad_ok).tolist(), _host(out.param_ok).tolist()
+        return StepOutput(loss, float(_host(out.grad_norm)), first_nonfinite(loss, grad_ok, param_ok, self.paths))
+
+    def local_rows(self, micro_size: int) -> np.ndarray | None:
+        """The rows of each micro-batch of ``micro_size`` examples that this process feeds, or None
+        when it feeds all of them (one process). ``step`` then takes micro-batches of these rows."""
+        return self.placement.local_rows(micro_size)
 
     def dropout_key(self, step: int, micro: int) -> Any:
         """The key micro-batch ``micro`` of update ``step`` draws its dropout masks from."""
@@ -376,14 +394,32 @@ class JaxStepper:
         self.base_key = jax.random.wrap_key_data(jnp.asarray(np.asarray(data, np.uint32)))
 
     def params_numpy(self) -> Tree:
+        """The parameters as NumPy (on several processes: gathered from all of them, a collective
+        every process must call)."""
         from bigmodel_jax.tree import to_numpy
 
-        return to_numpy(self.params)
+        return to_numpy(self.placement.gather(self.params))
 
     def opt_state_flat(self) -> dict[str, np.ndarray]:
+        return flatten_state(self.placement.gather(self.opt_state))
+
+    def state_arrays(self) -> dict[str, Any]:
+        """Parameters and optimizer state where they are (JAX arrays, sharded on a mesh), for an
+        Orbax checkpoint: nothing is gathered, each process saves its own shards."""
+        return {"params": self.params, "opt_state": dict(tree_flatten(self.opt_state, sequences=True))}
+
+    def state_targets(self) -> dict[str, Any]:
+        """``state_arrays()``'s shapes, dtypes and shardings: a checkpoint of any mesh is restored
+        straight onto this stepper's placement."""
         import jax
 
-        return flatten_state(jax.device_get(self.opt_state))
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            self.state_arrays())
+
+    def set_state(self, arrays: dict[str, Any]) -> None:
+        """Take restored ``state_targets()``-shaped arrays as the current state."""
+        self.params = arrays["params"]
+        self.opt_state = unflatten_state(arrays["opt_state"], self.opt_state, lambda saved, like: saved)
 
     def load(self, params: Tree, opt_flat: dict[str, Any]) -> None:
         """Restore parameters and optimizer state (from a checkpoint), bit for bit."""
@@ -410,6 +446,36 @@ class _Placement:
 
     def __init__(self, mesh: Any = None, param_shardings: Any = None, sizes: tuple[tuple[str, int], ...] = ()) -> None:
         self.mesh, self.param_shardings, self.key = mesh, param_shardings, sizes
+        self.rows: np.ndarray | None = None  # this process's rows of each micro-batch (several processes)
+        self.micro_size = 0
+
+    def multi_process(self) -> bool:
+        import jax
+
+        return self.mesh is not None and jax.process_count() > 1
+
+    def local_rows(self, micro_size: int) -> np.ndarray | None:
+        """Rows of a micro-batch (of ``micro_size``) held by this process's devices; None on one process."""
+        if not self.multi_process():
+            return None
+        from bigmodel_jax import sharding
+
+        shard = sharding.batch_sharding(self.mesh, 2, batch_axis=1)
+        rows: set[int] = set()
+        for index in shard.addressable_devices_indices_map((1, micro_size)).values():
+            rows.update(range(*index[1].indices(micro_size)))
+        self.rows, self.micro_size = np.asarray(sorted(rows)), micro_size
+        return self.rows
+
+    def gather(self, tree: Any) -> Any:
+        """``tree`` as host arrays; on several processes every process gets the whole arrays."""
+        import jax
+
+        if not self.multi_process():
+            return jax.device_get(tree)
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(tree, tiled=True)
 
     @classmethod
     def build(cls, mesh_text: str, model_config: Any, params: Tree) -> _Placement:
@@ -446,7 +512,21 @@ class _Placement:
             return jnp.asarray(x)
         from bigmodel_jax import sharding
 
-        return jax.device_put(x, sharding.batch_sharding(self.mesh, x.ndim, batch_axis=1))
+        shard = sharding.batch_sharding(self.mesh, x.ndim, batch_axis=1)
+        if self.rows is None:
+            return jax.device_put(x, shard)
+        # several processes: x holds this process's rows (self.rows) of the global micro-batch;
+        # each local device gets its slice of them
+        if x.shape[1] != len(self.rows):
+            raise ValueError(f"this process feeds {len(self.rows)} rows of each micro-batch, got {x.shape[1]}")
+        rows = self.rows
+        shape = (x.shape[0], self.micro_size, *x.shape[2:])
+
+        def local(index: tuple[slice, ...]) -> np.ndarray:
+            wanted = np.arange(self.micro_size)[index[1]]
+            return x[(index[0], np.searchsorted(rows, wanted), *index[2:])]
+
+        return jax.make_array_from_callback(shape, shard, local)
 
     def put_like(self, value: Any, like: Any) -> Any:
         import jax
@@ -458,7 +538,11 @@ class _Placement:
 
         if self.mesh is None:
             return None
-        return (self.param_shardings, jax.tree.map(lambda x: x.sharding, opt_state), None)
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        # the step's scalars (loss, norms, checks) replicated: every process reads them
+        return (self.param_shardings, jax.tree.map(lambda x: x.sharding, opt_state),
+                NamedSharding(self.mesh, PartitionSpec()))
 
     def context(self) -> Any:
         import contextlib
@@ -468,6 +552,13 @@ class _Placement:
         from bigmodel_jax import sharding
 
         return sharding.use_mesh(self.mesh)
+
+
+def _host(x: Any) -> np.ndarray:
+    """A (replicated) step output on the host; on several processes, this process's copy."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    return np.asarray(x.addressable_data(0))
 
 
 def _optimizer_with_lr(name: str, opt_kw: dict[str, Any], lr: Any) -> Any:

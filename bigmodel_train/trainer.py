@@ -19,13 +19,16 @@ state after it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,17 +37,14 @@ from typing import Any
 import numpy as np
 
 from bigmodel_port.atomic import atomic_write_text
-from bigmodel_train.checkpoint import (
-    CHECKPOINT_DIR,
-    checkpoint_path,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
+from bigmodel_train import distributed
+from bigmodel_train.checkpoint import CHECKPOINT_DIR, CheckpointError, latest_checkpoint, list_checkpoints
+from bigmodel_train.checkpoint import load_checkpoint
 from bigmodel_train.config import RunConfig, load_run_config, save_config
+from bigmodel_train.orbax_checkpoint import RunCheckpoints, read_meta, read_state, step_dir
 from bigmodel_train.interrupt import Interrupted, StopSignals
 from bigmodel_train.run_identity import RUN_FILE, artifact_fingerprint, check_checkpoint, ensure_run_id
-from bigmodel_train.runlock import RunLock
+from bigmodel_train.runlock import RunLock, RunLockedError
 from bigmodel_train.data.packing import epoch_permutation
 from bigmodel_train.logging import RunLogger, jsonable, plot_metrics
 from bigmodel_train.steps import (
@@ -171,8 +171,7 @@ def _checkpoint_state(stepper: Any, cfg: RunConfig, task: Task, order: BatchOrde
     rng = stepper.rng_state() if hasattr(stepper, "rng_state") else np.asarray([cfg.seed], np.int64)
     return {
         **identity,  # run_id and the artifacts' fingerprint (run_identity.check_checkpoint)
-        "params": stepper.params_numpy(),
-        "opt_state": stepper.opt_state_flat(),
+        **stepper.state_arrays(),  # params, opt_state: where they are (sharded; nothing gathered)
         "step": step,
         "data_position": order.position(step),
         "rng": {"seed": cfg.seed, "key_data": np.asarray(rng)},
@@ -181,13 +180,58 @@ def _checkpoint_state(stepper: Any, cfg: RunConfig, task: Task, order: BatchOrde
     }
 
 
-def _save(run_dir: Path, state: dict[str, Any], step: int, keep_last: int, last_good: str | None) -> str:
-    """Write the checkpoint of ``step``; an OSError (full disk...) becomes ``SaveError`` naming
-    the file and the last good checkpoint (the atomic write left every earlier one intact)."""
-    try:
-        return str(save_checkpoint(run_dir, state, step, keep_last))
-    except OSError as err:
-        raise SaveError(checkpoint_path(run_dir, step), err, last_good or _latest(run_dir)) from err
+class _Saver:
+    """The run's Orbax checkpoints while training: async saves, and the last one known to be
+    complete (named by every error). A failed write (a full disk...) becomes ``SaveError``
+    naming the step directory and the last good checkpoint; Orbax's temporary-then-rename
+    leaves every earlier step intact."""
+
+    def __init__(self, run_dir: Path, keep_last: int, last_good: str | None) -> None:
+        self.run_dir, self.last_good = run_dir, last_good
+        self.pending: Path | None = None
+        self.store = RunCheckpoints(run_dir / CHECKPOINT_DIR, keep_last)
+
+    def _failed(self, path: Path, err: BaseException) -> SaveError:
+        cause = _os_error(err)
+        if cause is None:
+            raise err
+        return SaveError(path, cause, self.last_good or _latest(self.run_dir))
+
+    def save(self, state: dict[str, Any], step: int) -> str:
+        self.wait()  # the previous save's errors surface here, naming its step
+        path = step_dir(self.run_dir / CHECKPOINT_DIR, step)
+        try:
+            self.pending = self.store.save(step, state)
+        except Exception as err:  # noqa: BLE001 (converted or re-raised by _failed)
+            raise self._failed(path, err) from err
+        return str(path)
+
+    def wait(self) -> None:
+        if self.pending is None:
+            return
+        path, self.pending = self.pending, None
+        try:
+            self.store.wait()
+        except Exception as err:  # noqa: BLE001
+            raise self._failed(path, err) from err
+        self.last_good = str(path)
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self.store.close()
+
+
+def _os_error(err: BaseException | None) -> OSError | None:
+    """The OSError behind ``err`` (Orbax re-raises a background write's error wrapped)."""
+    seen = 0
+    while err is not None and seen < 10:
+        if isinstance(err, OSError):
+            return err
+        err = err.__cause__ or err.__context__
+        seen += 1
+    return None
 
 
 def train(
@@ -200,8 +244,9 @@ def train(
     out: Callable[[str], None] = print,
     overwrite: bool = False,
 ) -> TrainResult:
-    """Train ``cfg`` into ``run_dir`` (config.json, run.json, tokenizer / vocabulary, checkpoints/,
-    metrics.jsonl, TensorBoard events, loss.png / metrics.png, summary.json).
+    """Train ``cfg`` into ``run_dir`` (config.json, run.json, tokenizer / vocabulary, checkpoints/
+    (Orbax steps, ``orbax_checkpoint``), metrics.jsonl, TensorBoard events, loss.png / metrics.png,
+    summary.json).
 
     ``resume``: continue from the latest checkpoint in ``run_dir`` (its config.json is used; the
     given ``cfg`` may only change ``steps`` and logging / evaluation settings; the checkpoint must
@@ -213,84 +258,161 @@ def train(
     it). SIGINT / SIGTERM stop the run after the current update with a checkpoint and raise
     ``Interrupted`` (exit code 130 / 143). Raises ``NonFiniteError`` / ``VerifyError`` /
     ``SaveError`` with the last good checkpoint left in place.
+
+    Several processes (``cfg.coordinator`` / JAX's environment; ``bigmodel_train.distributed``):
+    every process calls ``train`` with the same config (but its own ``process_id``); process 0
+    locks, writes and reports, each process feeds its own rows, and all save checkpoints together.
     """
     run_dir = Path(run_dir)
+    distributed.initialize(cfg)  # before anything touches a device (a no-op for one process)
     saved_cfg = load_run_config(run_dir) if resume else None  # ConfigError before anything is created
-    with RunLock(run_dir), StopSignals() as stop:
-        if overwrite and not resume:
+    main = distributed.is_main()
+    with _run_lock(run_dir, main), StopSignals() as stop:
+        if overwrite and not resume and main:
             if (run_dir / CHECKPOINT_DIR).exists():
                 shutil.rmtree(run_dir / CHECKPOINT_DIR)
             (run_dir / RUN_FILE).unlink(missing_ok=True)  # starting over is a new run
-        return _train_locked(cfg, run_dir, saved_cfg, stop, stop_after=stop_after, task=task, out=out)
+        return _train_locked(cfg, run_dir, saved_cfg, stop, stop_after=stop_after, task=task,
+                             out=out if main else _quiet)
+
+
+@contextlib.contextmanager
+def _run_lock(run_dir: Path, main: bool) -> Any:
+    """The run directory's lock, taken by process 0 for all of a multi-process run (every process
+    learns whether it got it, so none is left waiting for the others)."""
+    lock = RunLock(run_dir) if main else None
+    failure: RunLockedError | None = None
+    if lock is not None:
+        try:
+            lock.__enter__()
+        except RunLockedError as err:
+            failure = err
+    if distributed.agree(failure is not None):
+        raise failure or RunLockedError(f"{run_dir}: process 0 could not lock the run directory")
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.__exit__(None, None, None)
+
+
+def _quiet(*_: Any) -> None:
+    pass
+
+
+class _NoLogger:
+    """What processes other than 0 log to: nothing."""
+
+    def log(self, *_: Any, **__: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _train_locked(cfg: RunConfig, run_dir: Path, saved_cfg: RunConfig | None, stop: StopSignals, *,
                   stop_after: int | None, task: Task | None, out: Callable[[str], None]) -> TrainResult:
     t_start = time.time()
     resume = saved_cfg is not None
-    start = 0
-    state = None
-    ckpt = None
+    main = distributed.is_main()
+    candidates: list[Path] = []
     if saved_cfg is not None:
         _check_resume_config(saved_cfg, cfg)
-        ckpt = latest_checkpoint(run_dir, valid_only=True)
-        if ckpt is None:
+        candidates = [p for _, p in reversed(list_checkpoints(run_dir))]
+        if not candidates:
             raise RunCorruptError(f"{run_dir}: no checkpoint to resume from (train without --resume)")
-        state = load_checkpoint(ckpt, as_numpy=True)
-        start = int(state["step"])
-    task = task or build_task(cfg, run_dir)
-    if state is not None:
-        check_checkpoint(state, ckpt, run_dir, cfg, task.model_config)
-        out(f"resuming {run_dir} from {ckpt} (step {start})")
-    identity = {"run_id": ensure_run_id(run_dir)}
-    save_config(cfg, run_dir / "config.json")
-    task.save_artifacts()
+    # Process 0 checks the checkpoint against the run, then writes config.json and the artifacts;
+    # the others build their task from what it wrote.
+    if main:
+        task = task or build_task(cfg, run_dir)
+        if candidates:
+            path, meta = _newest_readable(candidates)
+            check_checkpoint(meta, path, run_dir, cfg, task.model_config)
+        identity = {"run_id": ensure_run_id(run_dir)}
+        save_config(cfg, run_dir / "config.json")
+        task.save_artifacts()
+        splits = task.splits
+    distributed.sync("bigmodel:artifacts")
+    if not main:
+        task = task or build_task(cfg, run_dir)
+        identity = {"run_id": ensure_run_id(run_dir)}
+        splits = task.splits
     identity["artifacts"] = artifact_fingerprint(run_dir)
-    splits = task.splits
     order = BatchOrder(len(splits["train"]), cfg.batch_size, cfg.seed)
-    params0 = task.init_params() if state is None else state["params"]
-    stepper = _make_stepper(task, cfg, params0)
-    if state is not None:
+    start, state, ckpt = 0, None, None
+    if candidates:
+        ckpt, state, stepper = _restore(run_dir, cfg, task, candidates)
+        start = int(state["step"])
+        out(f"resuming {run_dir} from {ckpt} (step {start})")
         pos = state["data_position"]
         if pos["examples"] != order.n or pos["batch_size"] != order.batch_size:
             raise RunCorruptError(f"{run_dir}: the checkpoint was taken with {pos['examples']} training examples "
                                   f"and batch_size {pos['batch_size']}; the data now gives {order.n} and "
                                   f"{order.batch_size}: the same data and config are needed to resume")
-        stepper.load(state["params"], state["opt_state"])
         if hasattr(stepper, "set_rng_state"):
             stepper.set_rng_state(state["rng"]["key_data"])
+    else:
+        stepper = _make_stepper(task, cfg, task.init_params())
     verifier = None
     if cfg.verify_steps and start < cfg.verify_steps and cfg.backend == "jax":
-        verifier = ReferenceStepper(task.ref_loss_and_grad, cfg, params0 if state is None else state["params"])
+        verifier = ReferenceStepper(task.ref_loss_and_grad, cfg, stepper.params_numpy())
         if state is not None:
-            verifier.load(state["params"], state["opt_state_ref"] if "opt_state_ref" in state else
+            verifier.load(stepper.params_numpy(), state["opt_state_ref"] if "opt_state_ref" in state else
                           _no_ref_state(run_dir))
     out(f"{task.describe()}; {cfg.steps} steps of {cfg.batch_size} "
         f"({cfg.accumulate_steps} micro-batch{'es' if cfg.accumulate_steps > 1 else ''}); backend {cfg.backend}"
-        + (f"; verifying the first {cfg.verify_steps} steps against the NumPy reference" if verifier else ""))
+        + (f"; verifying the first {cfg.verify_steps} steps against the NumPy reference" if verifier else "")
+        + (f"; {distributed.process_count()} processes" if distributed.process_count() > 1 else ""))
 
-    logger = RunLogger(run_dir, tensorboard=cfg.tensorboard, resume_step=start if resume else None)
+    logger: Any = RunLogger(run_dir, tensorboard=cfg.tensorboard, resume_step=start if resume else None) \
+        if main else _NoLogger()
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-    pbar = _progress(cfg, start, task.unit)
-    last_ckpt: str | None = None if ckpt is None else str(ckpt)
+    pbar = _progress(cfg, start, task.unit) if main else None
+    saver = _Saver(run_dir, cfg.keep_last, ckpt)
     window_loss, window_n = 0.0, 0
     units_done, timed_s = 0, 0.0
     result = TrainResult(run_dir=run_dir, step=start, unit=task.unit)
+    # each process feeds only its own rows of every micro-batch (None: all of them)
+    rows = stepper.local_rows(cfg.micro_batch_size) if hasattr(stepper, "local_rows") else None
+    if rows is not None:  # every process says which slice it reads (one line each)
+        contiguous = rows[-1] - rows[0] + 1 == len(rows)
+        print(f"process {distributed.process_index()} of {distributed.process_count()}: reads rows "
+              + (f"{rows[0]}..{rows[-1]}" if contiguous else ",".join(map(str, rows)))
+              + f" of every micro-batch of {cfg.micro_batch_size}", flush=True)
+    halted = [False]
+
+    def stopping() -> bool:
+        """A stop signal has arrived (on any process: they all stop after the same update)."""
+        if not halted[0]:
+            halted[0] = distributed.agree(stop.requested)
+        return halted[0]
 
     def checkpoint() -> str:
-        return _save(run_dir, _with_ref(_checkpoint_state(stepper, cfg, task, order, result.step, identity),
-                                        verifier), result.step, cfg.keep_last, last_ckpt)
+        return saver.save(_with_ref(_checkpoint_state(stepper, cfg, task, order, result.step, identity), verifier),
+                          result.step)
 
-    def stop_if_signalled() -> None:
+    def stop_if_signalled(last: str) -> None:
         # the checkpoint of result.step is on disk when this is called
-        if stop.requested:
-            raise Interrupted(stop.signum, result.step, last_ckpt)
+        if stopping():
+            raise Interrupted(stop.signum or signal.SIGTERM, result.step, last)
 
+    def eval_params() -> Tree:
+        if distributed.process_count() == 1:
+            return stepper.params
+        from bigmodel_jax.tree import to_jax
+
+        return to_jax(stepper.params_numpy())  # gathered: every process evaluates on its own devices
+
+    failed = True
     try:
         for t in range(start, end):
-            if stop.requested:  # a signal during data preparation or the last update's bookkeeping
+            if stopping():  # a signal during data preparation or the last update's bookkeeping
                 break
-            batch = task.model_batch(splits["train"].batch(order.indices(t)))
+            indices = order.indices(t)
+            if rows is not None:
+                m = cfg.micro_batch_size
+                indices = np.concatenate([indices[i * m + rows] for i in range(cfg.accumulate_steps)])
+            batch = task.model_batch(splits["train"].batch(indices))
             micro = split_micro_batches(batch, cfg.accumulate_steps)
             # JAX draws its dropout masks inside the compiled step from (seed, t, micro-batch);
             # the NumPy backend draws its own from the same triple.
@@ -299,9 +421,10 @@ def _train_locked(cfg: RunConfig, run_dir: Path, saved_cfg: RunConfig | None, st
             res = stepper.step(t, micro, masks)
             if res.problem is not None:
                 bad_input = find_nonfinite_input(micro) if res.problem.startswith("loss") else None
+                saver.wait()
                 raise NonFiniteError(t + 1, bad_input or res.problem,
                                      f"loss={res.loss:.6g}; the state was not updated; last good checkpoint: "
-                                     f"{last_ckpt or _latest(run_dir) or 'none'}")
+                                     f"{saver.last_good or _latest(run_dir) or 'none'}")
             if verifier is not None:
                 # the reference gets the masks the JAX step drew (dropout_masks(key) is documented to
                 # be exactly what the forward draws from key), so the real training step is checked
@@ -318,7 +441,7 @@ def _train_locked(cfg: RunConfig, run_dir: Path, saved_cfg: RunConfig | None, st
                         f"(loss {res.loss:.6f} vs {ref.loss:.6f}; every parameter within TRAJECTORY_PARITY)")
                     verifier = None
             dt = time.perf_counter() - t0
-            units = task.units(batch)
+            units = task.units(batch) * distributed.process_count()  # (every process feeds as many rows)
             if t > start:  # the first step of a process includes the compile
                 units_done += units
                 timed_s += dt
@@ -335,44 +458,52 @@ def _train_locked(cfg: RunConfig, run_dir: Path, saved_cfg: RunConfig | None, st
                                            "grad_norm": res.grad_norm, f"{task.unit}_per_s": rate,
                                            "elapsed_s": time.time() - t_start})
                 window_loss, window_n = 0.0, 0
-            if stop.requested:
+            if stopping():
                 break
             if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
-                m = task.evaluate(stepper.params, "val", cfg.backend)
+                m = task.evaluate(eval_params(), "val", cfg.backend)
                 logger.log(step, "val", m)
                 _write(pbar, out, f"step {step}: val {task.summary(m)}")
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step != end:
-                last_ckpt = checkpoint()
+                checkpoint()
         if pbar is not None:
             pbar.close()
             pbar = None
         result.throughput = units_done / timed_s if timed_s > 0 else float("nan")
-        last_ckpt = checkpoint()
-        result.checkpoint = last_ckpt
-        stop_if_signalled()
+        last = checkpoint()
+        saver.wait()  # the final checkpoint is complete before anything is reported
+        result.checkpoint = last
+        stop_if_signalled(last)
         if result.step < cfg.steps:
             result.stopped_early = True
-            out(f"stopped after step {result.step} (checkpoint {last_ckpt}); continue with --resume")
+            out(f"stopped after step {result.step} (checkpoint {last}); continue with --resume")
+            failed = False
             return result
-        result.val = task.evaluate(stepper.params, "val", cfg.backend)
+        result.val = task.evaluate(eval_params(), "val", cfg.backend)
         logger.log(result.step, "val", result.val)
         out(f"final validation ({_count(result.val)}): {task.summary(result.val)}")
-        stop_if_signalled()
+        stop_if_signalled(last)
         if "test" in task.splits:
-            result.test = task.evaluate(stepper.params, "test", cfg.backend, max_examples=0)
+            result.test = task.evaluate(eval_params(), "test", cfg.backend, max_examples=0)
             logger.log(result.step, "test", result.test)
             out(f"test ({_count(result.test)}): {task.summary(result.test)}")
-            stop_if_signalled()
-        result.sample = task.sample(stepper.params, cfg.backend)
+            stop_if_signalled(last)
+        result.sample = task.sample(eval_params(), cfg.backend) if main else ""
         if result.sample:
             out("sample:\n" + result.sample)
         out(f"throughput: {result.throughput:,.0f} {task.unit}/s (training steps, compile excluded)")
+        failed = False
     finally:
         if pbar is not None:
             pbar.close()
+        try:
+            saver.close()  # a pending save completes (or names its error) before the process moves on
+        except SaveError:
+            if not failed:
+                raise
         logger.close()
         result.wall_s = time.time() - t_start
-        if cfg.plots and not stop.requested:
+        if cfg.plots and not stop.requested and main:
             try:
                 written = plot_metrics(run_dir)
             except Exception as err:  # a plot must never hide the real outcome of a run
@@ -380,8 +511,51 @@ def _train_locked(cfg: RunConfig, run_dir: Path, saved_cfg: RunConfig | None, st
                 out(f"(plots not written: {err})")
             if written and not result.stopped_early and result.val:
                 out("plots: " + ", ".join(str(p) for p in written))
-    _write_summary(result)
+    if main:
+        _write_summary(result)
     return result
+
+
+def _newest_readable(candidates: list[Path]) -> tuple[Path, dict[str, Any]]:
+    """``(path, metadata)`` of the newest checkpoint whose metadata reads (an Orbax step's JSON; a
+    file of the earlier format is read whole); unreadable ones are skipped with a warning."""
+    for path in candidates:
+        try:
+            return path, (read_meta(path) if path.is_dir() else load_checkpoint(path, as_numpy=True))
+        except CheckpointError as err:
+            warnings.warn(f"skipping unusable checkpoint {path} ({err}); trying an earlier one", RuntimeWarning,
+                          stacklevel=3)
+    raise RunCorruptError(f"{candidates[0].parent}: no usable checkpoint to resume from")
+
+
+def _restore(run_dir: Path, cfg: RunConfig, task: Task, candidates: list[Path]) -> tuple[str, dict[str, Any], Any]:
+    """``(path, state, stepper)``: the newest checkpoint that restores intact, placed on this run's
+    devices (an Orbax step is read straight onto the stepper's shardings: any mesh, any number of
+    processes); corrupt ones are skipped with a warning. A file of the earlier format (one
+    safetensors file per step) is read on the host and placed the same way."""
+    stepper = None
+    for path in candidates:
+        try:
+            if path.is_dir():
+                meta = read_meta(path)
+                check_checkpoint(meta, path, run_dir, cfg, task.model_config)
+                if stepper is None:
+                    stepper = _make_stepper(task, cfg, task.init_params())
+                state = read_state(path, stepper.state_targets())
+                stepper.set_state(state)
+            else:
+                state = load_checkpoint(path, as_numpy=True)
+                check_checkpoint(state, path, run_dir, cfg, task.model_config)
+                if stepper is None:
+                    stepper = _make_stepper(task, cfg, state["params"])
+                stepper.load(state["params"], state["opt_state"])
+        except CheckpointError as err:
+            warnings.warn(f"skipping unusable checkpoint {path} ({err}); trying an earlier one", RuntimeWarning,
+                          stacklevel=3)
+            continue
+        return str(path), state, stepper
+    raise RunCorruptError(f"{run_dir}: no usable checkpoint to resume from (all of {[str(p) for p in candidates]} "
+                          "are corrupt)")
 
 
 def _count(m: dict[str, Any]) -> str:
@@ -413,7 +587,8 @@ def _latest(run_dir: Path) -> str | None:
 # Config fields a resumed run may change (they do not affect the parameters' trajectory).
 _RESUMABLE_CHANGES = {"steps", "eval_every", "log_every", "checkpoint_every", "keep_last", "progress", "plots",
                       "tensorboard", "sample_tokens", "prompt", "max_eval_examples", "eval_batch_size",
-                      "verify_steps", "mesh"}  # mesh: checkpoints hold whole arrays, restored onto any mesh
+                      "verify_steps", "mesh",  # mesh: a checkpoint is restored onto any mesh
+                      "coordinator", "num_processes", "process_id"}  # where it runs, not what it computes
 
 
 def _check_resume_config(saved: RunConfig, given: RunConfig) -> None:
@@ -466,13 +641,28 @@ def load_run(run_dir: str | os.PathLike[str], checkpoint: str | os.PathLike[str]
     cfg = load_run_config(run_dir)
     if overrides:
         cfg = dataclasses.replace(cfg, **overrides)
-    path = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir, valid_only=True)
-    if path is None:
-        raise RunCorruptError(f"{run_dir}: no checkpoint found")
-    state = load_checkpoint(path, as_numpy=True)
+    if checkpoint:
+        path, state = Path(checkpoint), load_checkpoint(checkpoint, as_numpy=True)
+    else:
+        path, state = _newest_loadable(run_dir)
     task = build_task(cfg, run_dir)
     check_checkpoint(state, path, run_dir, cfg, task.model_config)
     return cfg, task, state["params"], state
+
+
+def _newest_loadable(run_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """The newest checkpoint of ``run_dir`` that loads intact (as NumPy), skipping corrupt ones
+    with a warning."""
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise RunCorruptError(f"{run_dir}: no checkpoint found")
+    for _, path in reversed(found):
+        try:
+            return path, load_checkpoint(path, as_numpy=True)
+        except CheckpointError as err:
+            warnings.warn(f"skipping unusable checkpoint {path} ({err}); trying an earlier one", RuntimeWarning,
+                          stacklevel=3)
+    raise RunCorruptError(f"{run_dir}: every checkpoint is corrupt")
 
 
 def evaluate_run(run_dir: str | os.PathLike[str], split: str = "val", *, checkpoint: str | None = None,

@@ -272,6 +272,9 @@ def test_gpu_sh_smoke_writes_every_file(smoke_out):
     for stem in ("smoke-bert-tiny", "smoke-gpt2-tiny-decode"):
         assert {f"{stem}.json", f"{stem}.md"} <= names
     assert {"smoke-bert-tiny.png", "targets-smoke.md", "targets-smoke.json", "env.txt", "log.txt"} <= names
+    # the test process has 8 simulated devices (conftest), so the multi-device section runs too
+    assert {"mesh-gpu.json", "mesh-gpu.md"} <= names and "mesh-skipped.txt" not in names
+    assert json.loads((smoke_out / "mesh-gpu.json").read_text())["simulated_devices"] is True
     assert (smoke_out / "smoke-bert-tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (smoke_out / "smoke-bert-tiny.md").read_text()
     for section in ("## Training step and forward", "## Optimisations", "## Compile time against depth",

@@ -213,23 +213,28 @@ def test_a_changed_tokenizer_is_refused(two_runs, tmp_path: Path) -> None:
 
 
 def test_a_full_disk_names_the_path_and_the_last_good_checkpoint(tmp_path: Path, monkeypatch, capsys) -> None:
-    """ENOSPC injected where a real full disk reports it (fsync of the checkpoint's temporary):
-    one line, exit 1, the earlier checkpoint intact, no temporary left behind."""
+    """ENOSPC injected where step 2's metadata file is written (Orbax's JSON writer, in the
+    background thread of the async save): one line, exit 1, the earlier checkpoint intact, the
+    half-written step never listed, and the run resumes from step 1."""
+    from orbax.checkpoint._src.handlers import json_checkpoint_handler as jch
+
     run = tmp_path / "run"
-    real_fsync = os.fsync
+    real_save = jch.JsonCheckpointHandler._save_fn
 
-    def fsync(fd: int) -> None:
-        target = os.readlink(f"/proc/self/fd/{fd}")
-        if "step_00000002" in target:
+    async def save_fn(self, x, directory):  # noqa: ANN001
+        if "step_00000002" in str(directory):
             raise OSError(errno.ENOSPC, "No space left on device")
-        real_fsync(fd)
+        return await real_save(self, x, directory)
 
-    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(jch.JsonCheckpointHandler, "_save_fn", save_fn)
     assert main(["train", *LM, "steps=4", "checkpoint_every=1", "--run-dir", str(run)]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "Traceback" not in err
-    first = run / "checkpoints" / "step_00000001.safetensors"
-    assert err == (f"error: could not write checkpoint {run / 'checkpoints' / 'step_00000002.safetensors'}: "
+    first = run / "checkpoints" / "step_00000001"
+    assert err == (f"error: could not write checkpoint {run / 'checkpoints' / 'step_00000002'}: "
                    f"No space left on device; the last good checkpoint is {first} (earlier checkpoints are intact)")
     verify_checkpoint(first)
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [first.name]
+    assert list_checkpoints(run) == [(1, first)]
+    monkeypatch.undo()
+    assert main(["train", "--resume", "--run-dir", str(run)]) == 0
+    assert [s for s, _ in list_checkpoints(run)] == [2, 3, 4]  # keep_last=3

@@ -75,9 +75,12 @@ def test_every_task_trains_on_a_mesh_like_on_one_device(task: str, tmp_path: Pat
 @pytest.mark.slow
 @pytest.mark.parametrize("mesh", [*MESHES, ""])
 def test_a_run_resumes_onto_another_mesh(mesh: str, tmp_path: Path) -> None:
-    """Checkpoints hold whole arrays: a run stopped on mesh A is restored onto mesh B (or one
-    device) bit for bit, and continues to where a one-device run goes (float32 rounding of the
-    reordered reductions apart)."""
+    """An Orbax checkpoint of a run on mesh A is read straight onto mesh B (or one device): every
+    array lands in B's sharding, bit for bit, and the run continues to where a one-device run goes
+    (float32 rounding of the reordered reductions apart)."""
+    import jax
+
+    from bigmodel_train.orbax_checkpoint import read_state
     from bigmodel_train.steps import JaxStepper
     from bigmodel_train.tasks import build_task
 
@@ -85,17 +88,22 @@ def test_a_run_resumes_onto_another_mesh(mesh: str, tmp_path: Path) -> None:
     run, one = tmp_path / "run", tmp_path / "one"
     assert main(["train", *args, "mesh=data:2,fsdp:2,tensor:2", "--run-dir", str(run), "--stop-after", "2"]) == 0
 
-    # restore onto mesh B: the placed arrays are the checkpoint's, bit for bit
-    state = load_checkpoint(latest_checkpoint(run), as_numpy=True)
+    path = latest_checkpoint(run)
+    assert path.is_dir() and path.name == "step_00000002"
+    saved = load_checkpoint(path, as_numpy=True)  # the stored arrays, whole, on the host
     cfg = build_config(None, None, [*args, f"mesh={mesh}"])
     task = build_task(cfg, run)
-    stepper = JaxStepper(task.jax_loss, cfg, state["params"], model_config=task.model_config)
-    stepper.load(state["params"], state["opt_state"])
+    stepper = JaxStepper(task.jax_loss, cfg, task.init_params(), model_config=task.model_config)
+    targets = stepper.state_targets()
+    state = read_state(path, targets)
+    stepper.set_state(state)
+    for (path_, x), want in zip(tree_leaves_with_path(state["params"]), jax.tree.leaves(targets["params"])):
+        assert x.sharding == want.sharding, path_  # placed on mesh B as it is read
     restored = dict(tree_leaves_with_path(stepper.params_numpy()))
-    for path, x in tree_leaves_with_path(state["params"]):
-        assert np.array_equal(restored[path], x), path
+    for path_, x in tree_leaves_with_path(saved["params"]):
+        assert restored[path_].tobytes() == x.tobytes(), path_
     assert {k: np.asarray(v).tobytes() for k, v in stepper.opt_state_flat().items()} == \
-        {k: np.asarray(v).tobytes() for k, v in state["opt_state"].items()}
+        {k: np.asarray(v).tobytes() for k, v in saved["opt_state"].items()}
 
     if mesh:  # the optimizer state is sharded like the parameters (ZeRO-3 on fsdp)
         import jax

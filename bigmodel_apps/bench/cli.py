@@ -11,6 +11,11 @@ A named plan (several runs plus the issue's targets in ``targets-<plan>.md``)::
     bigmodel bench --plan smoke --out /tmp/bench          # seconds: proves everything runs
     bigmodel bench --plan cpu-targets --out benchmarks/results/cpu
     bigmodel bench --plan gpu --out "$OUT"                # benchmarks/gpu.sh
+
+The training step on device meshes (per-device memory and step time, against one device; on a
+CPU the devices are simulated and the step times say nothing about parallel speed)::
+
+    bigmodel bench --mesh data:2,fsdp:2,tensor:2 fsdp:8 --preset gpt2-tiny --batch 8 --seq-len 32
 """
 
 from __future__ import annotations
@@ -49,6 +54,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan", choices=PLAN_NAMES, help="run a named plan instead of one workload")
     p.add_argument("--out", default="benchmarks/results/local", help="output directory (default %(default)s)")
     p.add_argument("--name", help="file stem of a single run (default: preset-batch-length-dtype)")
+    p.add_argument("--mesh", nargs="+", metavar="MESH",
+                   help="instead of the suite: the JAX training step on each mesh (e.g. data:2,fsdp:2,tensor:2; "
+                        "axes data, fsdp, tensor) and on one device; per-device memory and step time "
+                        "(bigmodel_apps.bench.mesh; simulated CPU devices when there are too few)")
+    p.add_argument("--mesh-steps", type=int, metavar="N",
+                   help="timed steps per mesh with --mesh; the median is reported (default 5)")
     g = p.add_argument_group("workload")
     g.add_argument("--family", choices=sorted(DEFAULT_PRESETS), help="pick the family's default preset")
     g.add_argument("--preset", help="config preset (bert-base, gpt2, llama-3.2-1b, vit-base-16, *-tiny, ...)")
@@ -144,6 +155,8 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
 
     command = "bigmodel bench " + shell_command(argv) if argv is not None else canonical_command(args)
     out = Path(args.out)
+    if args.mesh or args.mesh_steps is not None:
+        return _run_mesh(args, command, out)
     if args.plan:
         runs = plans.PLANS[args.plan](command)
     else:
@@ -170,6 +183,25 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
                            "command": command, "targets": rows}, out / f"targets-{args.plan}.json")
         print(md)
     print(f"results in {out.resolve()}", file=sys.stderr)
+    return 0
+
+
+def _run_mesh(args: argparse.Namespace, command: str, out: Path) -> int:
+    """``--mesh``: the mesh benchmark (``bench.mesh``) of the workload the flags describe."""
+    from bigmodel_apps.bench import mesh
+
+    if not args.mesh:
+        raise ValueError("--mesh-steps needs --mesh")
+    if args.plan:
+        raise ValueError("--mesh measures one workload; it cannot be combined with --plan")
+    opts = _suite_options(args, command)  # the workload and JAX options, as a suite run reads them
+    w = opts.workload
+    mopts = mesh.MeshOptions(w, tuple(args.mesh), mesh.DEFAULT_STEPS if args.mesh_steps is None else args.mesh_steps,
+                             opts.perf, command)
+    result = mesh.run_mesh_bench(mopts)
+    paths = mesh.write_all(result, out, args.name or f"mesh-{w.preset}-b{w.batch}-t{w.seq_len}-{w.dtype}")
+    print(mesh.markdown(result))
+    print(f"results in {paths['json'].parent.resolve()}", file=sys.stderr)
     return 0
 
 

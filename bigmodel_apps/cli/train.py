@@ -40,8 +40,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
             The configuration is a run preset, then --config FILE (.json / .toml), then
             key=value overrides; model.<field>=value sets a field of the model config (e.g.
             model.n_layers=4). Unknown keys are refused. Writes RUN_DIR/config.json,
-            checkpoints/ (keep-last-N, atomic), metrics.jsonl, TensorBoard events, loss.png and
-            metrics.png, summary.json. Exits 1 if --verify-steps finds the JAX and NumPy
+            checkpoints/ (Orbax steps: async, keep-last-N, atomic), metrics.jsonl, TensorBoard
+            events, loss.png and metrics.png, summary.json. Several hosts: coordinator=HOST:PORT
+            num_processes=N process_id=I on each (or JAX's environment), with a mesh. Exits 1 if --verify-steps finds the JAX and NumPy
             trajectories diverging or a loss / gradient becomes non-finite.
 
             run presets: {RUN_PRESETS_HELP}
@@ -94,7 +95,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="run directory written by `bigmodel train`")
     p.add_argument("--split", default="val", choices=["train", "val", "test"], help="split to score (default val)")
-    p.add_argument("--checkpoint", metavar="PATH", help="a checkpoint file (default: the latest)")
+    p.add_argument("--checkpoint", metavar="PATH", help="a checkpoint: a step directory (or a .safetensors file of the earlier format); default: the latest")
     p.add_argument("--backend", choices=["jax", "numpy"], default="jax", help="implementation to run")
     p.add_argument("--max-examples", type=nonnegative_int, default=0,
                    help="evaluate the first N examples only (0: all)")
