@@ -63,6 +63,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from bigmodel_jax.quant import dense
+
 REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -185,7 +187,9 @@ def einsum(spec: str, a: jax.Array, b: jax.Array, perf: PerfOptions | None = Non
     """``jnp.einsum(spec, a, b)``; under mixed precision (half-precision operands) the product
     accumulates in fp32 (``preferred_element_type``) and is rounded back to the operands' dtype
     (``keep_fp32``: returned in fp32, for logits and attention scores that a softmax reads), so a
-    long contraction (D = 4096, F = 11008) does not lose digits in its running sum."""
+    long contraction (D = 4096, F = 11008) does not lose digits in its running sum. A quantised
+    weight ``b`` (``bigmodel_jax.quant``) is dequantised here, at use."""
+    b = dense(b)
     if perf is None or perf.compute_dtype is None or a.dtype not in (jnp.bfloat16, jnp.float16):
         return jnp.einsum(spec, a, b)
     b = b.astype(a.dtype)  # an fp32 table (cast_params keeps them) enters the half-precision GEMM

@@ -205,7 +205,7 @@ def save_native(path: str | os.PathLike[str], tree: Tree, config: Config, *,
     return write_safetensors(path, tensors, metadata)
 
 
-def load_native(path: str | os.PathLike[str], *, allow_int_cast: bool = False
+def load_native(path: str | os.PathLike[str], *, allow_int_cast: bool = False, allow_quantized: bool = False
                 ) -> tuple[Tree, Config, dict[str, str]]:
     """``(tree, config, metadata)`` of a file written by :func:`save_native`.
 
@@ -213,11 +213,16 @@ def load_native(path: str | os.PathLike[str], *, allow_int_cast: bool = False
     are checked before any tensor is read, then every tensor against its recorded CRC-32.
     Raises :class:`CheckpointError` naming the file for a foreign or corrupt file, a newer format
     version, a config this code cannot build, or an integer / bool array at a float parameter
-    (``allow_int_cast=True`` casts it to the config's dtype instead; module docstring).
+    (``allow_int_cast=True`` casts it to the config's dtype instead; module docstring). A
+    quantised file (``bigmodel_port.quant_io``) is refused unless ``allow_quantized``: its
+    weights are int codes and scales, not the parameter tree.
     """
     path = Path(path)
     metadata = read_safetensors_metadata(path)
     _check_format(metadata.get("format"), metadata.get("format_version"), path)
+    if "quantization" in metadata and not allow_quantized:
+        raise CheckpointError(f"{path} holds a quantised model: load it with "
+                              "bigmodel_port.quant_io.load_quantized")
     config = _config_from_metadata(metadata.get("config_class"), metadata.get("config"),
                                    metadata.get("family"), path)
     crc32 = None

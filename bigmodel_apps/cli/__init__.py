@@ -6,6 +6,9 @@
 * ``generate``                   text from a run or an HF directory (``cli.generate``)
 * ``tune``                       hyper-parameter search (``cli.tune``)
 * ``bench``                      the benchmark suite (``cli.bench``)
+* ``plan``                       the memory planner (``cli.plan``)
+* ``export``                     a run / HF dir / checkpoint as HF, StableHLO or ONNX (``cli.export``)
+* ``serve``                      an OpenAI-compatible HTTP server (``cli.serve``)
 
 Building the parser loads no jax: a command imports the modules that load jax when it runs,
 so ``bigmodel --help`` stays fast. Failures reach the shell as one ``error: …`` line and an
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 
-from bigmodel_apps.cli import bench, check, generate, port, train, tune
+from bigmodel_apps.cli import bench, check, export, generate, plan, port, serve, train, tune
 from bigmodel_apps.cli.errors import run_command
 from reference_numpy.version import __version__
 
@@ -29,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"bigmodel {__version__}",
                         help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (check, port, train, generate, tune, bench):
+    for group in (check, port, train, generate, tune, bench, plan, export, serve):
         group.add_commands(sub)
     return parser
 

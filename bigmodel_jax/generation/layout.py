@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from bigmodel_jax import quant
 from bigmodel_jax.perf import PerfOptions
 from reference_numpy.configs import GPTConfig
 from reference_numpy.layers.attention import key_bias_matters
@@ -47,7 +48,7 @@ def decode_params(params: Tree, config: GPTConfig, perf: PerfOptions | None) -> 
     layers = params["layers"]
     a = layers["attn"]
     if perf.fused_qkv:
-        kernel = jnp.concatenate([a["query"]["kernel"], a["key"]["kernel"], a["value"]["kernel"]], axis=2)
+        kernel = quant.concatenate([a["query"]["kernel"], a["key"]["kernel"], a["value"]["kernel"]], axis=2)
         fused = {"kernel": kernel}  # (L, D, H + 2K, E)
         if any("bias" in a[n] for n in ("query", "key", "value")):
             def bias(name: str, used: bool = True) -> jax.Array:
@@ -71,7 +72,7 @@ def _rows(p: Tree, n_in: int) -> Tree:
     (*Out, *In)."""
     k = p["kernel"]
     order = tuple(range(n_in, k.ndim)) + tuple(range(n_in))
-    return {**{name: v for name, v in p.items() if name != "kernel"}, "rows": jnp.transpose(k, order)}
+    return {**{name: v for name, v in p.items() if name != "kernel"}, "rows": quant.transpose(k, order)}  # (quantised weights too)
 
 
 def _layer_rows(p: Tree) -> Tree:

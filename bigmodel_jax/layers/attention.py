@@ -26,6 +26,7 @@ from einops import rearrange
 from bigmodel_jax.layers.activations import softmax
 from bigmodel_jax.layers.rope import rope
 from bigmodel_jax.perf import PerfOptions, einsum
+from bigmodel_jax.quant import dense
 from reference_numpy.checks import check_array
 from reference_numpy.layers.attention import check_attention_args, key_bias_matters
 
@@ -39,7 +40,7 @@ def _project(p: dict[str, jax.Array], x: jax.Array, spec: str, use_bias: bool = 
     decoding layout's ``rows`` (*Out, *In) (``bigmodel_jax.generation.layout``), read as one
     (Out, In) matrix: at batch 1 each output is a dot product along contiguous memory."""
     if "rows" in p:
-        w = p["rows"]
+        w = dense(p["rows"])
         n_in = x.ndim - 2
         out_shape = w.shape[:w.ndim - n_in]
         y = jnp.einsum("BTi,oi->BTo", x.reshape(*x.shape[:2], -1), w.reshape(math.prod(out_shape), -1))
@@ -70,7 +71,7 @@ def project_qkv(params: Params, x: jax.Array, key_bias: bool, perf: PerfOptions 
         y = _project(params["qkv"], x, "BTD,DNE->BTNE", perf=perf)
         return y[:, :, :H], y[:, :, H:H + K], y[:, :, H + K:]
     pq, pk, pv = params["query"], params["key"], params["value"]
-    w = jnp.concatenate([pq["kernel"], pk["kernel"], pv["kernel"]], axis=1)  # (D, H + 2K, E)
+    w = jnp.concatenate([dense(pq["kernel"]), dense(pk["kernel"]), dense(pv["kernel"])], axis=1)  # (D, H + 2K, E)
     y = einsum("BTD,DNE->BTNE", x, w, perf)  # (B, T, H + 2K, E)
     if any("bias" in p for p in (pq, pk, pv)):
         def bias(p: dict[str, jax.Array], n: int, used: bool = True) -> jax.Array:
@@ -113,12 +114,16 @@ def _allowed_keys(
 ) -> jax.Array | None:
     """(B or 1, 1, 1, T or 1, S) bool, True = may attend. Causal: query t sits at slot
     ``t + offset`` (default S - T, aligned at the end) and sees keys s <= t + offset; the offset
-    may be traced (a decoding cache's position)."""
+    may be traced (a decoding cache's position) and may be a (B,) vector, one per row."""
     allowed = None
     if causal:
         t = jnp.arange(T)[:, None]
         s = jnp.arange(S)[None, :]
-        allowed = (s <= t + (S - T if offset is None else offset))[None, None, None]
+        off = jnp.asarray(S - T if offset is None else offset)
+        if off.ndim == 1:  # per-row slots: (B, T, S)
+            allowed = (s[None] <= t[None] + off[:, None, None])[:, None, None]
+        else:
+            allowed = (s <= t + off)[None, None, None]
     if key_padding_mask is not None:
         pad = key_padding_mask[:, None, None, None, :]
         allowed = pad if allowed is None else allowed & pad
@@ -154,7 +159,10 @@ def init_heads_major_cache(batch: int, slots: int, n_kv_heads: int, head_dim: in
 
 def _write_cache(cache: Cache, k: jax.Array, v: jax.Array, pos: Any) -> Cache:
     """This call's keys/values k, v (B, T, K, E) written into ``cache`` at slots [pos, pos + T).
-    A (B, S, K, E) cache, or the heads-major one (``init_heads_major_cache``, 3-D)."""
+    A (B, S, K, E) cache, or the heads-major one (``init_heads_major_cache``, 3-D). ``pos`` may
+    be a (B,) vector: row b's slots start at pos[b] (one scatter per row, under vmap)."""
+    if jnp.ndim(pos) == 1:
+        return _write_cache_rows(cache, k, v, jnp.asarray(pos))
     if cache["k"].ndim == 4:
         return {"k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, pos, 0, 0)),
                 "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, pos, 0, 0))}
@@ -162,6 +170,23 @@ def _write_cache(cache: Cache, k: jax.Array, v: jax.Array, pos: Any) -> Cache:
     v_cols = rearrange(v, "B T K E -> (B K) E T").astype(cache["v"].dtype)
     return {"k": jax.lax.dynamic_update_slice(cache["k"], k_rows, (0, pos, 0)),
             "v": jax.lax.dynamic_update_slice(cache["v"], v_cols, (0, 0, pos))}
+
+
+def _write_cache_rows(cache: Cache, k: jax.Array, v: jax.Array, pos: jax.Array) -> Cache:
+    """``_write_cache`` with per-row start slots pos (B,): the same update, vmapped over rows."""
+    def put(c: jax.Array, x: jax.Array, p: jax.Array, axis: int) -> jax.Array:
+        start = tuple(p if a == axis else jnp.zeros_like(p) for a in range(c.ndim))  # one index dtype
+        return jax.lax.dynamic_update_slice(c, x.astype(c.dtype), start)
+
+    if cache["k"].ndim == 4:  # (B, S, K, E): row b's (S, K, E) block, slots on its axis 0
+        return {"k": jax.vmap(put, (0, 0, 0, None))(cache["k"], k, pos, 0),
+                "v": jax.vmap(put, (0, 0, 0, None))(cache["v"], v, pos, 0)}
+    K = k.shape[2]
+    rows = jnp.repeat(pos, K)  # heads-major (B K, ...): row b's K heads share its slot
+    k_rows = rearrange(k, "B T K E -> (B K) T E")
+    v_cols = rearrange(v, "B T K E -> (B K) E T")
+    return {"k": jax.vmap(put, (0, 0, 0, None))(cache["k"], k_rows, rows, 0),
+            "v": jax.vmap(put, (0, 0, 0, None))(cache["v"], v_cols, rows, 1)}
 
 
 def _core(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array | None, scale: float,
@@ -220,7 +245,8 @@ def attention(
 
     ``cache``: decoding; returns ``(y, new cache)``. Self-attention: ``{"k", "v"}`` of S slots,
     (B, S, K, E) or heads-major (``init_heads_major_cache``); this call's keys/values go to slots
-    [cache_pos, cache_pos + T) (``cache_pos`` may be traced), the queries attend over all S slots
+    [cache_pos, cache_pos + T) (``cache_pos`` may be traced, and may be a (B,) vector of per-row
+    start slots), the queries attend over all S slots
     (query t sits at slot cache_pos + t; positions default to those slots; key_padding_mask is
     (B, S)). Cross-attention (``cache_pos=None``): the cache holds the source's
     ``project_keys_values`` and is returned unchanged; ``kv`` may be None. The weights may be in
@@ -250,7 +276,8 @@ def attention(
     E = q.shape[-1]
     scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
     if rope_theta is not None:
-        pos = (jnp.arange(T) + (cache_pos if self_cached else 0)) if positions is None else positions
+        pos = (jnp.asarray(cache_pos if self_cached else 0)[..., None] + jnp.arange(T)
+               if positions is None else positions)  # (T,), or (B, T) for per-row cache_pos
         q = rope(q, pos, theta=rope_theta, layout=rope_layout)
         k = rope(k, pos, theta=rope_theta, layout=rope_layout)
     new_cache = cache

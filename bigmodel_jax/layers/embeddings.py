@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from bigmodel_jax.perf import PerfOptions, einsum
+from bigmodel_jax.quant import take_rows  # jnp.take(mode="fill"), or a quantised table's rows
 from reference_numpy.checks import check_array, check_ids
 from reference_numpy.layers.embeddings import (
     check_positions,
@@ -31,7 +32,7 @@ def embed(params: dict[str, jax.Array], ids: jax.Array) -> jax.Array:
     E = params["embedding"]
     check_array("embedding", E, ndim=2, kind="float")
     check_ids("ids", ids, E.shape[0])
-    return jnp.take(E, ids, axis=0, mode="fill")
+    return take_rows(E, ids)
 
 
 def attend(params: dict[str, jax.Array], x: jax.Array, *, perf: PerfOptions | None = None) -> jax.Array:
@@ -51,7 +52,7 @@ def position_embedding(params: dict[str, jax.Array], positions: jax.Array) -> ja
     P = params["embedding"]
     check_array("embedding", P, ndim=2, kind="float")
     check_positions(positions, P.shape[0])
-    return jnp.take(P, positions, axis=0, mode="fill")
+    return take_rows(P, positions)
 
 
 def sinusoidal_positions(

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from bigmodel_jax.layers.activations import activation as _activation
 from bigmodel_jax.perf import PerfOptions, einsum
+from bigmodel_jax.quant import dense
 from reference_numpy.checks import check_array
 
 
@@ -21,7 +22,7 @@ def linear(params: dict[str, Any], x: jax.Array, activation: str = "identity", *
     (``bigmodel_jax.generation.layout``), where at batch 1 each output is a dot product along
     contiguous memory."""
     if "rows" in params:
-        z = jnp.einsum("...i,oi->...o", x, params["rows"])
+        z = jnp.einsum("...i,oi->...o", x, dense(params["rows"]))
         return _activation(activation)(z + params["bias"] if "bias" in params else z)
     w = params["kernel"]
     check_array("x", x, kind="float")

@@ -91,10 +91,11 @@ def hidden_states(
     B, T = ids.shape
     drop = MaskSource.make(dropout_mask_shapes(config, B, T), config.dropout, dropout_key=dropout_key,
                            masks=masks)
-    positions = jnp.arange(T) if cache is None else cache_pos + jnp.arange(T)  # slot indices
+    # slot indices: (T,), or (B, T) for a per-row cache_pos (B,) (continuous batching)
+    positions = jnp.arange(T) if cache is None else _cache_positions(cache_pos, B, T)
     x = embed(params["embed"], ids)  # (B, T, D)
     if config.positions == "learned":
-        x = x + position_embedding(params["position"], positions)[None]
+        x = x + position_embedding(params["position"], positions)  # (T, D) or (B, T, D)
     x = drop.apply("embed", cast_input(x, perf))  # fp32 tables (perf.cast_params) -> compute dtype
     if collect is not None:
         collect.append(("embeddings", x))
@@ -134,6 +135,17 @@ def hidden_states(
     return h if cache is None else (h, new_cache)
 
 
+def _cache_positions(cache_pos: Any, B: int, T: int) -> jax.Array:
+    """The slots of this call's tokens: ``cache_pos + arange(T)``, (T,) for a scalar
+    ``cache_pos``, (B, T) for a per-row (B,) vector (each row at its own slot: the serving
+    engine's continuous batching, ``bigmodel_apps.serve.engine``)."""
+    pos = jnp.asarray(cache_pos)
+    if pos.ndim > 1 or (pos.ndim == 1 and pos.shape[0] != B):
+        raise ValueError(f"cache_pos must be a scalar or a (B,) = ({B},) vector of per-row slots, "
+                         f"got shape {tuple(pos.shape)}")
+    return pos[..., None] + jnp.arange(T)
+
+
 def lm_logits(params: Tree, h: jax.Array, config: GPTConfig, perf: PerfOptions | None = None) -> jax.Array:
     """The LM head: final hidden states h (B, T, D) -> logits (B, T, V), through the tied
     embedding or ``lm_head`` (fp32 under mixed precision)."""
@@ -152,7 +164,8 @@ def forward(
 
     ``cache`` (``init_cache``; ``init_layer_caches`` for the decoding layout's unrolled weights):
     decode instead, returning ``(logits, new cache)``. ``input_ids`` (B, N) are the tokens at
-    slots [cache_pos, cache_pos + N) (their positions; ``cache_pos`` may be traced), their
+    slots [cache_pos, cache_pos + N) (their positions; ``cache_pos`` may be traced, and may be a
+    (B,) vector: row b's tokens at slots [cache_pos[b], cache_pos[b] + N)), their
     keys/values go into the cache, and attention reads every earlier slot; ``attention_mask``,
     if given, is (B, S) over all slots. A prefill at 0 then one-token steps give the logits of
     the full forward.

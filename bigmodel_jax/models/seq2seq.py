@@ -35,6 +35,7 @@ from bigmodel_jax.layers.norms import layer_norm
 from bigmodel_jax.losses import cross_entropy
 from bigmodel_jax.models.common import as_bool_mask, collect_layers, concrete
 from bigmodel_jax.models.common import init as _init
+from bigmodel_jax.quant import dense
 from reference_numpy.checks import check_array
 from reference_numpy.configs import Seq2SeqConfig
 from reference_numpy.models.common import require_keys
@@ -204,7 +205,7 @@ def output_logits(params: Tree, y: jax.Array, config: Seq2SeqConfig) -> jax.Arra
     if config.share_embeddings:
         logits = attend(params["embed"], y)
     else:
-        logits = jnp.einsum("BTD,DV->BTV", y, params["lm_head"]["kernel"])
+        logits = jnp.einsum("BTD,DV->BTV", y, dense(params["lm_head"]["kernel"]))
     if config.final_logits_bias:
         logits = logits + params["final_logits_bias"]
     return logits

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from reference_numpy.checks import is_tracer, check_array, check_ids, check_same_dtype
+from reference_numpy.qweight import dense, take_rows  # table[ids], or a quantised table's rows
 from reference_numpy.speed.contract import rows_matmul
 
 Params = dict[str, np.ndarray]
@@ -59,7 +60,7 @@ def embedding_forward(params: Params, ids: np.ndarray) -> tuple[np.ndarray, Any]
     E = _table(params, "token embedding")
     check_ids("ids", ids, E.shape[0])
     ids = np.asarray(ids)
-    return E[ids], ids
+    return take_rows(E, ids), ids
 
 
 def embedding_backward(params: Params, cache: Any, dy: np.ndarray) -> tuple[None, Params]:
@@ -77,7 +78,7 @@ def embedding_attend(params: Params, x: np.ndarray) -> tuple[np.ndarray, Any]:
     if x.ndim < 1 or x.shape[-1] != E.shape[1]:
         raise ValueError(f"x must have shape (..., D) = (..., {E.shape[1]}) to match the embedding, got {x.shape}")
     check_same_dtype(x=x, embedding=E)
-    return rows_matmul(x, E.T), x
+    return rows_matmul(x, dense(E).T), x
 
 
 def embedding_attend_backward(params: Params, cache: Any, dlogits: np.ndarray) -> tuple[np.ndarray, Params]:
@@ -119,7 +120,7 @@ def position_embedding_forward(params: Params, positions: np.ndarray) -> tuple[n
     P = _table(params, "position embedding")
     check_positions(positions, P.shape[0])
     positions = np.asarray(positions)
-    return P[positions], positions
+    return take_rows(P, positions), positions
 
 
 def position_embedding_backward(params: Params, cache: Any, dy: np.ndarray) -> tuple[None, Params]:

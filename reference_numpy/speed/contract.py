@@ -29,6 +29,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from reference_numpy.qweight import dense
+
 
 class _Plan(NamedTuple):
     a_axes: tuple[int, ...]  # transpose of a into (batch, free a, contracted)
@@ -66,9 +68,10 @@ def _plan(spec: str) -> _Plan | None:
 
 
 def einsum(spec: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``np.einsum(spec, a, b)`` as one (batched) BLAS product (see the module docstring)."""
+    """``np.einsum(spec, a, b)`` as one (batched) BLAS product (see the module docstring). A
+    quantised weight ``b`` (``reference_numpy.quant``) is dequantised here, at use."""
     plan = _plan(spec)
-    a, b = np.asarray(a), np.asarray(b)
+    a, b = np.asarray(a), np.asarray(dense(b))
     if plan is None or a.ndim != len(plan.a_axes) or b.ndim != len(plan.b_axes):
         return np.einsum(spec, a, b, optimize=True)
     at, bt = a.transpose(plan.a_axes), b.transpose(plan.b_axes)
@@ -89,5 +92,6 @@ def rows_matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     rows); flattening the leading axes first gives one GEMM of B*T rows, which BLAS blocks and
     threads better (``benchmarks/results/README.md``). Same sums.
     """
+    w = dense(w)  # a quantised weight is dequantised at use
     rows = x.reshape(-1, x.shape[-1]) if x.ndim != 2 else x
     return (rows @ w).reshape(*x.shape[:-1], w.shape[-1])
