@@ -40,3 +40,36 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile(os.environ.get("BIGMODEL_HYPOTHESIS_PROFILE", "ci"))
+
+
+class _RetryCrashedWorker:
+    """Runs a test once more, in a fresh worker, when its worker process died under it.
+
+    Why: twice in ~20 full CI runs a pytest-xdist worker died of SIGSEGV inside XLA:CPU's
+    compiler (``backend_compile_and_load``) after hundreds of earlier tests, on tests that pass
+    in a fresh process and were not reproduced in isolation (test_plan's bert-tiny (1,1,8), then
+    test_trainer_mesh's translation). Only a dead worker is retried, once: an assertion or any
+    Python error fails as always, and a test that kills its worker twice fails. Each retry is
+    printed in the summary as ``rerun``, so the crash stays visible.
+    """
+
+    def __init__(self) -> None:
+        self.retried: set[str] = set()
+
+    def pytest_handlecrashitem(self, crashitem: str, report, sched) -> None:
+        if crashitem in self.retried:
+            return
+        self.retried.add(crashitem)
+        sched.mark_test_pending(crashitem)
+        report.outcome = "rerun"
+
+    def pytest_report_teststatus(self, report):
+        if report.outcome == "rerun":
+            return "rerun", "R", ("RERUN", {"yellow": True})
+        return None
+
+
+def pytest_configure(config) -> None:
+    # Only the xdist controller schedules tests (workers carry `workerinput`).
+    if config.pluginmanager.hasplugin("xdist") and not hasattr(config, "workerinput"):
+        config.pluginmanager.register(_RetryCrashedWorker(), "bigmodel-retry-crashed-worker")
