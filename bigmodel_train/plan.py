@@ -11,10 +11,11 @@ weights, AdamW, every parameter leaf split by the logical-axis rules of
     optimizer state   AdamW's two moments mu, nu: 2 x parameters (+ the int32 step counter)
     activations       what the backward keeps per block under the remat policy (``_block_saved``)
                       at the compute dtype, for B / (data x fsdp) examples of T tokens, plus the
-                      float32 logits the loss reads and their gradient
+                      float32 logits the loss reads and their gradient (``head_bytes``)
     transient         buffers that live only inside the step. It peaks in one of two phases
-                      (XLA reuses buffers between them): the backward holds the activations plus
-                      the larger of (a) the backward of one scanned layer: its slice of every
+                      (XLA reuses buffers between them): the backward holds the activations
+                      less the head's (dead once the head's backward has run) plus the larger of
+                      the head's, (a) the backward of one scanned layer: its slice of every
                       saved activation (the scan body's dynamic-slice of the stacked residuals
                       is a copy), the (B, T, D) gradient twice and the layer's weights sliced
                       out of their (L, ...) stack (``layer_backward_bytes``); with only the batch
@@ -54,7 +55,7 @@ from reference_numpy.configs import (BertConfig, Config, GPTConfig, Seq2SeqConfi
                                      param_shapes)
 
 __all__ = ["DEVICES", "DTYPES", "REMAT", "Collective", "Plan", "batch_bytes", "collective_arrays", "device_memory",
-           "largest_batch", "leaf_splits", "plan"]
+           "head_bytes", "largest_batch", "leaf_splits", "plan"]
 
 MESH_AXES = ("data", "fsdp", "tensor")  # the order of bigmodel_jax.sharding.MESH_AXES
 
@@ -159,20 +160,31 @@ def leaf_splits(config: Config, mesh: Mapping[str, int], rules: Any = None) -> l
 # activations
 
 
+# What the backward of one block keeps per token, in units of D (norms) and F (the MLP), as JAX's
+# partial evaluation saves it (``jax.ad_checkpoint.print_saved_residuals`` of ``gpt.block``):
+# LayerNorm keeps x - mean, the normalised x and its output (the projections' input); RMSNorm the
+# normalised x and its output. The MLP's activation keeps its input and what its derivative reads:
+# erf GELU 4 arrays, tanh GELU 6, SiLU 4, ReLU 2 and a byte mask; a gated MLP adds the up
+# projection and the product. Other activations: input and output.
+NORM_SAVED = {"layer": 3, "rms": 2}
+ACTIVATION_SAVED = {"gelu": 4.0, "gelu_tanh": 6.0, "silu": 4.0, "relu": 2.25}
+
+
 def _block_saved(d: int, h: int, k: int, e: int, f: int, s: int, gated: bool, remat: str, t: int,
-                 cross: int = 0) -> tuple[float, float]:
+                 cross: int = 0, norm: str = "layer", activation: str = "gelu") -> tuple[float, float]:
     """(elements per token a block's backward keeps, elements per token one block holds while it
     is recomputed) under ``remat``; ``t`` the tensor split, ``s`` the attended length, ``cross``
     the source length of a cross-attention (0: none). Heads / mlp are split over ``t`` where the
     rules split them (the caller passes split sizes)."""
     qkv = (h + 2 * k) * e
     attn = qkv + h * s + h * s + h * e  # q k v, scores, probabilities, attention output
-    mlp = (3 if gated else 1) * f + f  # gate/up pre-activations (+ product), activation output
-    norms = 2 * d  # the two norm outputs (inputs of the projections)
-    residual = 2 * d  # block input and mid-block residual
+    mlp = (ACTIVATION_SAVED.get(activation, 2.0) + (2 if gated else 0)) * f
+    # the block's input (the layer scan's carry); two norms; RMSNorm's backward also reads the
+    # mid-block residual, LayerNorm's reads x - mean instead
+    stream = d + 2 * NORM_SAVED.get(norm, 3) * d + (d if norm == "rms" else 0)
     if cross:
         attn += 2 * (h * e) + 2 * h * cross + h * e + d + d  # cross q, scores, probs, out, norm
-    every = residual + norms + attn + mlp + d  # + out projection output
+    every = stream + attn + mlp
     if remat == "none":
         return every, 0.0
     if remat == "full":
@@ -192,35 +204,44 @@ def _family_dims(config: Config, t: int, seq: int) -> list[tuple[int, tuple]]:
         return n // t if n % t == 0 else n
 
     c = config
+    norm, act = getattr(c, "norm", "layer"), c.activation
     if isinstance(c, GPTConfig):
-        return [(c.n_layers, (c.d_model, sp(c.n_heads), sp(c.kv_heads), c.e, sp(c.d_ff), seq, c.gated_mlp))]
+        return [(c.n_layers, (c.d_model, sp(c.n_heads), sp(c.kv_heads), c.e, sp(c.d_ff), seq, c.gated_mlp, 0,
+                              norm, act))]
     if isinstance(c, (BertConfig, ViTConfig)):
         e = c.d_model // c.n_heads
-        return [(c.n_layers, (c.d_model, sp(c.n_heads), sp(c.n_heads), e, sp(c.d_ff), seq, False))]
+        return [(c.n_layers, (c.d_model, sp(c.n_heads), sp(c.n_heads), e, sp(c.d_ff), seq, False, 0, norm, act))]
     if isinstance(c, Seq2SeqConfig):
         e = c.d_model // c.n_heads
         kv = c.n_kv_heads or c.n_heads
-        return [(c.n_layers, (c.d_model, sp(c.n_heads), sp(c.n_heads), e, sp(c.d_ff), seq, False)),
-                (c.decoder_layers, (c.d_model, sp(c.n_heads), sp(kv), e, sp(c.d_ff), seq, False, seq))]
+        return [(c.n_layers, (c.d_model, sp(c.n_heads), sp(c.n_heads), e, sp(c.d_ff), seq, False, 0, norm, act)),
+                (c.decoder_layers, (c.d_model, sp(c.n_heads), sp(kv), e, sp(c.d_ff), seq, False, seq, norm, act))]
     raise TypeError(f"not a model config: {type(config).__name__}")
 
 
-def activation_bytes(config: Config, batch_local: int, seq: int, dsize: int, remat: str, t: int) -> int:
-    """Bytes of activations one device keeps for the backward (module docstring)."""
-    tokens = batch_local * seq
-    kept = peak = 0.0
-    for n, dims in _family_dims(config, t, seq):
-        *args, = dims
-        cross = args[7] if len(args) > 7 else 0
-        saved, recompute = _block_saved(*args[:7], remat=remat, t=t, cross=cross)
-        kept += n * saved
-        peak = max(peak, recompute)
+def _saved(dims: tuple, remat: str, t: int) -> tuple[float, float]:
+    d, h, k, e, f, s, gated, cross, norm, act = dims
+    return _block_saved(d, h, k, e, f, s, gated, remat, t, cross=cross, norm=norm, activation=act)
+
+
+def head_bytes(config: Config, batch_local: int, seq: int, dsize: int, t: int) -> int:
+    """Bytes of the model's ends the backward keeps: the embeddings' output and the final norm's
+    (compute dtype), and the float32 logits, log-probabilities and their gradient (the loss
+    reads float32 logits), the vocab split over ``t`` where it divides."""
     v = config.vocab_size
     v_local = v // t if v % t == 0 else v
-    # embeddings out + final norm (compute dtype); logits, log-probabilities and their gradient
-    # in float32 (the loss reads fp32 logits)
-    head = 2 * config.d_model * dsize + 3 * v_local * F32
-    return int(tokens * ((kept + peak) * dsize + head))
+    return int(batch_local * seq * (2 * config.d_model * dsize + 3 * v_local * F32))
+
+
+def activation_bytes(config: Config, batch_local: int, seq: int, dsize: int, remat: str, t: int) -> int:
+    """Bytes of activations one device keeps for the backward (module docstring): every block's
+    saved residuals (the one being recomputed in full, under remat) and ``head_bytes``."""
+    kept = peak = 0.0
+    for n, dims in _family_dims(config, t, seq):
+        saved, recompute = _saved(dims, remat, t)
+        kept += n * saved
+        peak = max(peak, recompute)
+    return int(batch_local * seq * (kept + peak) * dsize) + head_bytes(config, batch_local, seq, dsize, t)
 
 
 def layer_backward_bytes(config: Config, batch_local: int, seq: int, dsize: int, remat: str, t: int) -> int:
@@ -232,10 +253,8 @@ def layer_backward_bytes(config: Config, batch_local: int, seq: int, dsize: int,
     tensor-parallel step, where it is the largest transient (tests/test_plan.py)."""
     most = 0.0
     for _, dims in _family_dims(config, t, seq):
-        *args, = dims
-        cross = args[7] if len(args) > 7 else 0
-        saved, _ = _block_saved(*args[:7], remat=remat, t=t, cross=cross)
-        most = max(most, saved + 2 * args[0])
+        saved, _ = _saved(dims, remat, t)
+        most = max(most, saved + 2 * dims[0])
     return int(batch_local * seq * most * dsize)
 
 
@@ -438,7 +457,10 @@ def plan(preset_name: str, mesh: Mapping[str, int], batch: int, seq_len: int, *,
         # gradients it all-reduces, as large) take that place instead
         layer = layer_backward_bytes(config, local, seq_len, dsize, remat, full["tensor"]) \
             + layer_weights * dsize // F32
-        backward = acts + max(layer, gathered if full["fsdp"] > 1 else 0)
+        # The logits and their gradient are dead once the head's backward has run, before the
+        # layer scan's backward starts: the head's buffers and the layer's take turns.
+        head = head_bytes(config, local, seq_len, dsize, full["tensor"])
+        backward = acts - head + max(head, layer, gathered if full["fsdp"] > 1 else 0)
         transient = max(backward, 2 * params) - acts
         return acts, transient, batch_bytes(config, local, seq_len)
 
