@@ -84,6 +84,27 @@ def check_sampling_options(vocab_size: int, *, max_new_tokens: Any, temperature:
         raise ValueError(f"length_penalty must be a finite number, got {length_penalty!r}")
 
 
+def filter_logits(logits: np.ndarray, top_k: int | None, top_p: float | None) -> np.ndarray:
+    """logits (B, V) with every token outside the top-k and outside the top-p nucleus set to
+    -inf. Top-k keeps ties with the k-th value. Top-p keeps a token while the probability mass
+    strictly before it, in descending order (ties in index order), is < p, so the most likely
+    token always stays. ``bigmodel_jax.generation.filter_logits`` is the same function."""
+    z = np.array(logits, dtype=np.float64 if np.asarray(logits).dtype == np.float64 else np.float32)
+    if top_k is not None and top_k < z.shape[-1]:
+        kth = -np.sort(-z, axis=-1)[:, top_k - 1:top_k]
+        z = np.where(z < kth, -np.inf, z)
+    if top_p is not None:
+        order = np.argsort(-z, axis=-1, kind="stable")
+        ranked = np.take_along_axis(z, order, axis=-1)
+        p = np.exp(ranked - ranked[:, :1])
+        p /= p.sum(axis=-1, keepdims=True)
+        keep_ranked = (np.cumsum(p, axis=-1) - p) < top_p
+        keep = np.zeros_like(keep_ranked)
+        np.put_along_axis(keep, order, keep_ranked, axis=-1)
+        z = np.where(keep, z, -np.inf)
+    return z
+
+
 def check_prompt(name: str, ids: Any, attention_mask: Any = None) -> tuple[int, int]:
     """Prompts: a (B, T0) integer array with B >= 1 rows and T0 >= 1 tokens, and, when an
     attention mask is given (and concrete), at least one real token in every row: decoding has

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from bigmodel_jax import generation as jgen
 from bigmodel_jax.models import gpt as jgpt
@@ -180,6 +182,30 @@ def test_top_p_keeps_the_smallest_nucleus():
     np.testing.assert_array_equal(kept, [[True, True, False, False]])
     kept = np.isfinite(np.asarray(jgen.filter_logits(logits, 3, None)))
     np.testing.assert_array_equal(kept, [[True, True, True, False]])
+
+
+def test_reference_filter_keeps_the_same_tokens_by_hand():
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05], [0.25, 0.25, 0.25, 0.25]]))
+    kept = np.isfinite(rgen.filter_logits(logits, None, 0.7))
+    np.testing.assert_array_equal(kept, [[True, True, False, False], [True, True, True, False]])
+    kept = np.isfinite(rgen.filter_logits(logits, 2, None))  # ties with the k-th value stay
+    np.testing.assert_array_equal(kept, [[True, True, False, False], [True, True, True, True]])
+    np.testing.assert_array_equal(rgen.filter_logits(logits, 2, 0.7)[0, :2], logits[0, :2])
+
+
+@given(seed=st.integers(0, 2**31 - 1), v=st.integers(2, 40), top_k=st.none() | st.integers(1, 40),
+       top_p=st.none() | st.floats(0.05, 1.0), ties=st.booleans())
+def test_filter_logits_equals_the_reference(seed, v, top_k, top_p, ties):
+    """The JAX filter (generate's sampling) and the NumPy reference's (the server's) keep the
+    same tokens and leave their logits untouched (float64)."""
+    logits = np.random.default_rng(seed).normal(size=(3, v)) * 3
+    if ties:
+        logits = np.round(logits)  # many equal logits: top-k ties and top-p's order of ties
+    top_k = None if top_k is None else min(top_k, v)
+    want = rgen.filter_logits(logits, top_k, top_p)
+    got = np.asarray(jgen.filter_logits(jnp.asarray(logits), top_k, top_p))
+    np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
+    np.testing.assert_array_equal(got[np.isfinite(got)], want[np.isfinite(want)])
 
 
 def test_decoding_compiles_once_per_shape():

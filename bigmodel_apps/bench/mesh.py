@@ -42,7 +42,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from bigmodel_apps.bench import hardware as hw
 from bigmodel_apps.bench.jax_side import make_optimizer, memory_of, train_step_fn
-from bigmodel_apps.bench.report import num, ratio, si, write_json
+from bigmodel_apps.bench.report import meta_lines, num, ratio, si, write_json
 from bigmodel_apps.bench.timing import Prepared, Stopwatch, time_interleaved
 from bigmodel_apps.bench.workloads import Workload, hf_architecture, init_reference, make_batch
 from bigmodel_jax import sharding
@@ -248,11 +248,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         (f"**SIMULATED DEVICES.** {result['timing_note']}" if sim else result["timing_note"]),
         "",
-        f"- date: {meta['date']}; machine: {m['cpu']} ({m['cpu_count']} cores, load {m.get('load_average')}), "
-        f"backend {m['backend']} / {m['device_kind']} x {m['device_count']}"
-        + (f"; SIMD: {', '.join(m['cpu_flags'])}" if m.get("cpu_flags") else ""),
-        "- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
-        f"- command: `{meta.get('command') or 'n/a'}`",
+        *meta_lines(meta, devices=m["device_count"]),
         f"- parameters: {wl['param_count'] / 1e6:.2f}M; JAX options: {meta['perf']}",
         "",
         "Bytes are per device. State = parameters + AdamW moments held by each device; XLA plan = "

@@ -77,20 +77,28 @@ def write_json(result: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
+def meta_lines(meta: dict[str, Any], devices: int | None = None) -> list[str]:
+    """The bullet lines every benchmark report starts with: date, machine (with its SIMD flags),
+    backend (and device count), versions, the command."""
+    m = meta["machine"]
+    return [
+        f"- date: {meta['date']}; machine: {m['cpu']} ({m['cpu_count']} cores, load {m.get('load_average')}), "
+        f"backend {m['backend']} / {m['device_kind']}" + (f" x {devices}" if devices is not None else "")
+        + (f"; SIMD: {', '.join(m['cpu_flags'])}" if m.get("cpu_flags") else ""),
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
+        f"- command: `{meta.get('command') or 'n/a'}`",
+    ]
+
+
 def markdown(result: dict[str, Any], plot_name: str | None = None) -> str:
     """The whole result as Markdown tables."""
     meta, wl, peaks = result["meta"], result["workload"], result.get("peaks", {})
-    m = meta["machine"]
     unit = wl.get("unit", "tokens")
     u = "img" if unit == "images" else "tok"
     lines = [
         f"# Benchmark: {wl['preset']} ({wl['architecture']}), batch {wl['batch']} x {wl['seq_len']}, {wl['dtype']}",
         "",
-        f"- date: {meta['date']}; machine: {m['cpu']} ({m['cpu_count']} cores, load {m.get('load_average')}), "
-        f"backend {m['backend']} / {m['device_kind']}"
-        + (f"; SIMD: {', '.join(m['cpu_flags'])}" if m.get("cpu_flags") else ""),
-        "- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
-        f"- command: `{meta.get('command') or 'n/a'}`",
+        *meta_lines(meta),
         *([f"- allocator: {meta['allocator']}"] if meta.get("allocator") else []),
         f"- parameters: {wl['param_count'] / 1e6:.2f}M; analytic FLOPs per example: forward "
         f"{si(wl['flops_per_example']['forward'])}, train {si(wl['flops_per_example']['train'])} "

@@ -41,7 +41,7 @@ import numpy as np
 from bigmodel_jax.generation.layout import DECODE_LAYOUT, decode_params
 from bigmodel_jax.models import gpt
 from reference_numpy.configs import GPTConfig
-from reference_numpy.generation import check_sampling_options
+from reference_numpy.generation import check_sampling_options, filter_logits
 
 Tree = dict[str, Any]
 
@@ -95,18 +95,11 @@ def prefill_buckets(context: int, smallest: int = 16) -> tuple[int, ...]:
 
 def sample_token(logits: np.ndarray, sampling: SamplingParams, rng: np.random.Generator) -> int:
     """Draw from softmax(logits / temperature) restricted to the top-k tokens and the top-p
-    nucleus (a token stays if the mass strictly before it is < p, so the top token always
-    does). logits: (V,)."""
-    z = np.asarray(logits, np.float64) / sampling.temperature
-    if sampling.top_k is not None and sampling.top_k < z.size:
-        kth = np.partition(z, -sampling.top_k)[-sampling.top_k]
-        z = np.where(z < kth, -np.inf, z)
-    if sampling.top_p is not None and sampling.top_p < 1:
-        order = np.argsort(-z, kind="stable")
-        p = np.exp(z[order] - z[order[0]])
-        p /= p.sum()
-        drop = order[(np.cumsum(p) - p) >= sampling.top_p]
-        z[drop] = -np.inf
+    nucleus, as ``generate`` samples (``reference_numpy.generation.filter_logits``, the NumPy
+    form of ``bigmodel_jax``'s: on the host, because a per-request top-k would otherwise
+    compile a new ``lax.top_k`` for every distinct k). logits: (V,)."""
+    z = filter_logits(np.asarray(logits, np.float64)[None] / sampling.temperature, sampling.top_k,
+                      sampling.top_p)[0]
     p = np.exp(z - z.max())
     return int(rng.choice(z.size, p=p / p.sum()))
 
