@@ -2,7 +2,11 @@
 
 Endpoints: ``POST /v1/completions`` and ``POST /v1/chat/completions`` (``stream: true`` answers
 server-sent events, ``data: {json}\\n\\n`` chunks ending with ``data: [DONE]``), ``GET
-/v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text).
+/v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text). A model of ``encoders`` (no
+engine) serves instead ``POST /v1/embeddings`` (OpenAI's schema), ``POST /v1/classify`` or ``POST
+/v1/translate``, each request one padded forward run in a worker thread (the event loop is never
+blocked); a generation endpoint asked of it, or its endpoint asked of a causal LM, answers 400
+naming the endpoints the model serves.
 
 Errors are OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 400 for a bad
 request (bad JSON, a field out of range, an empty prompt, prompt + max_tokens beyond the
@@ -15,11 +19,13 @@ accepting connections, lets the open streams finish, then drains and stops the e
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any, Literal
 
 from bigmodel_train.extras import missing_extra
@@ -34,14 +40,19 @@ try:
 except ModuleNotFoundError as _err:
     raise missing_extra(_err.name or "fastapi", "bigmodel serve", _err, extra="deploy") from _err
 
+from bigmodel_apps.serve.encoders import InputError
 from bigmodel_apps.serve.engine import Engine, EngineStopped, QueueFull, Request, SamplingParams
-from bigmodel_apps.serve.model import ServedModel, render_chat
+from bigmodel_apps.serve.model import EncoderServed, ServedModel, render_chat
 
 __all__ = ["create_app"]
 
 RETRY_AFTER_S = 1  # what a 429 tells the client to wait
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
-KNOWN_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+KNOWN_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/classify", "/v1/translate",
+               "/v1/models", "/health", "/metrics")
+# what each kind of model serves (ServedModel.kind and the encoders' models' kind)
+SERVED_ENDPOINTS = {"lm": "POST /v1/completions and POST /v1/chat/completions", "embedding": "POST /v1/embeddings",
+                    "classification": "POST /v1/classify", "translation": "POST /v1/translate"}
 
 
 class APIError(Exception):
@@ -126,6 +137,31 @@ class ChatBody(_Sampling):
     logprobs: Literal[False] | None = None  # not supported
 
 
+class EmbeddingBody(BaseModel):
+    """OpenAI's embeddings request: ``input`` a string, a list of strings, a list of token ids or
+    a list of token-id lists (used as given: no special tokens are added to ids)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1, description="only the model's own width")
+    user: str | None = None
+
+
+class ClassifyBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    input: str | list[str]
+
+
+class TranslateBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    input: str | list[str]
+    max_tokens: int | None = Field(None, ge=1)  # new tokens per translation; None: the model's default
+
+
 def _validation_message(err: ValidationError) -> tuple[str, str | None]:
     first = err.errors()[0]
     param = ".".join(str(p) for p in first.get("loc", ())) or None
@@ -136,7 +172,7 @@ def _validation_message(err: ValidationError) -> tuple[str, str | None]:
 class _Metrics:
     """Prometheus metrics in a registry of their own (several apps can live in one process)."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine | None) -> None:
         r = self.registry = CollectorRegistry()
         self.responses = Counter("bigmodel_http_responses", "HTTP responses by path and status",
                                  ["path", "status"], registry=r)
@@ -145,10 +181,11 @@ class _Metrics:
                                 ["reason"], registry=r)
         self.prompt_tokens = Counter("bigmodel_prompt_tokens", "prompt tokens prefilled", registry=r)
         self.generation_tokens = Counter("bigmodel_generation_tokens", "tokens generated", registry=r)
-        Gauge("bigmodel_queue_depth", "requests waiting for a slot", registry=r).set_function(engine.queue_depth)
-        Gauge("bigmodel_active_slots", "slots decoding a request", registry=r).set_function(engine.active)
-        Gauge("bigmodel_slots", "slots of the batch", registry=r).set(engine.slots)
-        Gauge("bigmodel_decode_steps", "decode steps run", registry=r).set_function(lambda: engine.steps)
+        if engine is not None:  # the encoders' models run without one
+            Gauge("bigmodel_queue_depth", "requests waiting for a slot", registry=r).set_function(engine.queue_depth)
+            Gauge("bigmodel_active_slots", "slots decoding a request", registry=r).set_function(engine.active)
+            Gauge("bigmodel_slots", "slots of the batch", registry=r).set(engine.slots)
+            Gauge("bigmodel_decode_steps", "decode steps run", registry=r).set_function(lambda: engine.steps)
         fast = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
         self.ttft = Histogram("bigmodel_time_to_first_token_seconds", "request arrival to first token",
                               buckets=fast, registry=r)
@@ -277,7 +314,7 @@ class _Generation:
 
 
 class _State:
-    def __init__(self, model: ServedModel, engine: Engine) -> None:
+    def __init__(self, model: ServedModel | EncoderServed, engine: Engine | None) -> None:
         self.model, self.engine = model, engine
         self.metrics = _Metrics(engine)
         self.created = int(time.time())
@@ -287,9 +324,14 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
-def create_app(model: ServedModel, engine: Engine, *, manage_engine: bool = True) -> FastAPI:
-    """The FastAPI app serving ``model`` through ``engine``. ``manage_engine``: start the engine
-    on startup and drain it on shutdown (uvicorn's lifespan)."""
+def create_app(model: ServedModel | EncoderServed, engine: Engine | None = None, *,
+               manage_engine: bool = True) -> FastAPI:
+    """The FastAPI app serving ``model``: a causal LM through ``engine``, or one of the
+    encoders' models, which take no engine (None). ``manage_engine``: start the engine on
+    startup and drain it on shutdown (uvicorn's lifespan)."""
+    if (engine is None) != (model.kind != "lm"):
+        raise ValueError(f"a {model.kind} model is served {'with' if model.kind == 'lm' else 'without'} an engine")
+    manage_engine = manage_engine and engine is not None
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -322,7 +364,7 @@ def create_app(model: ServedModel, engine: Engine, *, manage_engine: bool = True
         except ValidationError as err:
             message, param = _validation_message(err)
             raise APIError(400, message, param=param) from None
-        if body.model != model.name:
+        if body.model is not None and body.model != model.name:
             raise APIError(400, f"unknown model {body.model!r}; this server serves {model.name!r} (GET /v1/models)",
                            param="model", code="model_not_found")
         return body
@@ -377,8 +419,76 @@ def create_app(model: ServedModel, engine: Engine, *, manage_engine: bool = True
             return JSONResponse({"error": {"message": "client disconnected", "type": "cancelled"}}, 499)
         return final(text, gen.finish_reason)
 
+    def require(kind: str, path: str) -> None:
+        """400 unless the model is of ``kind`` (before the body is read: the endpoint is the error)."""
+        if model.kind != kind:
+            raise APIError(400, f"model {model.name!r} is a {model.kind} model and does not serve POST {path}; "
+                           f"it serves {SERVED_ENDPOINTS[model.kind]}", code="unsupported_endpoint")
+
+    async def in_worker(fn: Any, *args: Any, timed: str | None = None) -> Any:
+        """``fn(*args)`` in a worker thread (tokenising and the jitted forward block); an
+        InputError is the client's 400; with ``timed``, its latency is recorded under that endpoint."""
+        start = time.monotonic()
+        try:
+            out = await asyncio.to_thread(fn, *args)
+        except InputError as err:
+            raise APIError(400, str(err), param="max_tokens" if "max_tokens" in str(err) else "input") from None
+        if timed is not None:
+            state.metrics.latency.labels(timed).observe(time.monotonic() - start)
+        return out
+
+    def accepted(endpoint: str, ids: list[list[int]]) -> int:
+        n = sum(map(len, ids))
+        state.metrics.requests.labels(endpoint).inc()
+        state.metrics.prompt_tokens.inc(n)
+        return n
+
+    @app.post("/v1/embeddings")
+    async def embeddings(http: HTTPRequest) -> Any:
+        require("embedding", "/v1/embeddings")
+        body: EmbeddingBody = await body_of(http, EmbeddingBody)
+        D = model.config.d_model
+        if body.dimensions is not None and body.dimensions != D:
+            raise APIError(400, f"dimensions must be {D}, this model's width (no reduced sizes)", param="dimensions")
+        ids = await in_worker(partial(model.ids_of, allow_ids=True), body.input)
+        n = accepted("embeddings", ids)
+        vectors = await in_worker(model.embed, ids, timed="embeddings")  # (N, D) float32
+        if body.encoding_format == "base64":  # OpenAI's: little-endian float32 bytes
+            data = [base64.b64encode(v.astype("<f4").tobytes()).decode("ascii") for v in vectors]
+        else:
+            data = vectors.tolist()
+        return {"object": "list", "model": model.name, "usage": {"prompt_tokens": n, "total_tokens": n},
+                "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)]}
+
+    @app.post("/v1/classify")
+    async def classify(http: HTTPRequest) -> Any:
+        require("classification", "/v1/classify")
+        body: ClassifyBody = await body_of(http, ClassifyBody)
+        ids = await in_worker(model.ids_of, body.input)
+        n = accepted("classify", ids)
+        probs = await in_worker(model.classify, ids, timed="classify")  # (N, C)
+        data = [{"index": i, "label": model.labels[k], "label_index": k, "probs": p.tolist(),
+                 "num_classes": len(model.labels)} for i, (k, p) in enumerate(zip(probs.argmax(-1).tolist(), probs))]
+        return {"object": "list", "model": model.name, "labels": list(model.labels), "data": data,
+                "usage": {"prompt_tokens": n, "total_tokens": n}}
+
+    @app.post("/v1/translate")
+    async def translate(http: HTTPRequest) -> Any:
+        require("translation", "/v1/translate")
+        body: TranslateBody = await body_of(http, TranslateBody)
+        ids = await in_worker(model.ids_of, body.input)
+        max_tokens = await in_worker(model.check_max_tokens, body.max_tokens)
+        n = accepted("translate", ids)
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        out, generated = await in_worker(model.translate, texts, max_tokens, timed="translate")
+        state.metrics.generation_tokens.inc(generated)
+        return {"object": "list", "model": model.name,
+                "data": [{"index": i, "translation": t} for i, t in enumerate(out)],
+                "usage": {"prompt_tokens": n, "completion_tokens": generated, "total_tokens": n + generated}}
+
     @app.post("/v1/completions")
     async def completions(http: HTTPRequest) -> Any:
+        require("lm", "/v1/completions")
         body: CompletionBody = await body_of(http, CompletionBody)
         if body.echo:
             raise APIError(400, "echo is not supported", param="echo")
@@ -397,6 +507,7 @@ def create_app(model: ServedModel, engine: Engine, *, manage_engine: bool = True
 
     @app.post("/v1/chat/completions")
     async def chat(http: HTTPRequest) -> Any:
+        require("lm", "/v1/chat/completions")
         body: ChatBody = await body_of(http, ChatBody)
         try:
             messages = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in body.messages]
@@ -426,11 +537,14 @@ def create_app(model: ServedModel, engine: Engine, *, manage_engine: bool = True
 
     @app.get("/v1/models")
     async def models() -> dict:
+        context = model.max_len if engine is None else engine.context
         return {"object": "list", "data": [{"id": model.name, "object": "model", "created": state.created,
-                                            "owned_by": "bigmodel", "max_model_len": engine.context}]}
+                                            "owned_by": "bigmodel", "max_model_len": context}]}
 
     @app.get("/health")
     async def health() -> dict:
+        if engine is None:
+            return {"status": "ok", "kind": model.kind}
         return {"status": "ok", "slots": engine.slots, "active": engine.active(), "queue": engine.queue_depth()}
 
     @app.get("/metrics")

@@ -1,5 +1,6 @@
 """What the server serves: a causal LM with its tokenizer and chat template, from a training run
-directory (``bigmodel train``, task ``lm``) or a local HF model directory (GPT-2, Llama).
+directory (``bigmodel train``, task ``lm``) or a local HF model directory (GPT-2, Llama); or, by
+``load_model``'s dispatch, one of ``encoders``' models (embeddings, classification, translation).
 
 Prompts are tokenised as the project's own generation does: a run's prompt follows an EOS, as
 its training documents do (``LMTask.encode_prompt``); an HF directory's with the tokenizer's
@@ -23,7 +24,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEFAULT_CHAT_TEMPLATE", "DEFAULT_CHAT_STOP", "ServedModel", "load_model", "render_chat"]
+from bigmodel_apps.serve.encoders import (DEFAULT_MAX_BATCH, ClassifierModel, EmbeddingModel, TranslationModel,
+                                          from_run, load_hf_encoder)
+
+__all__ = ["DEFAULT_CHAT_TEMPLATE", "DEFAULT_CHAT_STOP", "EncoderServed", "ServedModel", "load_model", "render_chat"]
+
+# the models of the embeddings / classify / translate endpoints (``encoders``)
+EncoderServed = EmbeddingModel | ClassifierModel | TranslationModel
 
 # ChatML: each turn "<|im_start|>{role}\n{content}<|im_end|>\n", then the assistant's header.
 DEFAULT_CHAT_TEMPLATE = (
@@ -49,6 +56,8 @@ class ServedModel:
     eos_ids: tuple[int, ...]
     chat_template: str | None = None
     special_tokens: dict[str, str] = dataclasses.field(default_factory=dict)
+    kind = "lm"  # what the model serves; the encoders' models say "embedding", "classification", "translation"
+    endpoint = "/v1/completions"
 
     @property
     def chat_stop(self) -> list[str]:
@@ -108,31 +117,35 @@ def render_chat(template: str | None, messages: list[dict[str, Any]], special_to
         raise ValueError(f"the chat template refused the messages: {err}") from None
 
 
-def load_model(src: str | Path, *, checkpoint: str | None = None, name: str | None = None) -> ServedModel:
-    """The causal LM in ``src``: a run directory (config.json + checkpoints/, task ``lm``) or an
-    HF directory (config.json + weights, AutoModelForCausalLM). ValueError for anything else."""
+def load_model(src: str | Path, *, checkpoint: str | None = None, name: str | None = None,
+               max_batch: int = DEFAULT_MAX_BATCH) -> ServedModel | EncoderServed:
+    """The model in ``src``: a run directory (config.json + checkpoints/) or an HF directory
+    (config.json + weights). A causal LM (task ``lm``; GPT-2, Llama) is a ``ServedModel``; a
+    classification or translation run, or an HF BERT directory, one of ``encoders``' models
+    (``max_batch``: their rows per forward). ValueError for anything else."""
     path = Path(src)
     if not path.is_dir():
         raise FileNotFoundError(2, "no such model directory", str(path))
     name = name or path.resolve().name
     if (path / "config.json").is_file() and (path / "checkpoints").is_dir():
-        return _load_run(path, checkpoint, name)
+        return _load_run(path, checkpoint, name, max_batch)
     if checkpoint is not None:
         raise ValueError(f"--checkpoint applies to run directories; {path} has no checkpoints/")
     if (path / "config.json").is_file():
-        return _load_hf(path, name)
+        encoder = load_hf_encoder(path, name, max_batch=max_batch)
+        return encoder if encoder is not None else _load_hf(path, name)
     raise ValueError(f"{path} is neither a run directory (config.json + checkpoints/) nor an HF model "
                      "directory (config.json + weights)")
 
 
-def _load_run(path: Path, checkpoint: str | None, name: str) -> ServedModel:
+def _load_run(path: Path, checkpoint: str | None, name: str, max_batch: int) -> ServedModel | EncoderServed:
     from bigmodel_jax.tree import to_jax
     from bigmodel_train.tasks import LMTask
     from bigmodel_train.trainer import load_run
 
     cfg, task, params, _ = load_run(path, checkpoint)
     if not isinstance(task, LMTask):
-        raise ValueError(f"{path} is a {cfg.task!r} run; the server generates with causal LM runs (task lm)")
+        return from_run(path, task, params, name, max_batch=max_batch)  # ValueError for a task not served
     tok = task.tokenizer
 
     def encode(text: str, chat: bool = False) -> list[int]:
