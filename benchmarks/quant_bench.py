@@ -4,7 +4,7 @@ bytes do not depend on the values); and, for trained run directories (``--runs D
 run's test metrics with fp32 / int8 / int4 weights. Writes benchmarks/results/quant_bench.json.
 
     .venv/bin/python benchmarks/quant_bench.py [--tokens 16] [--skip-decode] [--skip-matmul]
-        [--runs runs/gpt-stdlib runs/vit-digits] [--split test]
+        [--runs runs/gpt-stdlib runs/vit-digits] [--split test] [--out NAME.json]
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def run_metrics(run_dir: str, split: str) -> list[dict]:
     for label, tree in (("fp32", params), ("int8", rq.quantize_tree(params, 8)), ("int4", rq.quantize_tree(params, 4))):
         m = task.evaluate(jax.tree.map(jnp.asarray, tree), split, "jax")
         row = {"run": run_dir, "step": int(state["step"]), "split": split, "weights": label,
-               "param_bytes": rq.tree_nbytes(tree), **{k: float(v) for k, v in m.items() if np.isscalar(v)}}
+               "param_bytes": rq.tree_nbytes(tree), **{k: (float(v) if not isinstance(v, str) else v) for k, v in m.items() if np.isscalar(v)}}
         rows.append(row)
         print(row, flush=True)
     return rows
@@ -99,6 +99,7 @@ def main() -> None:
     ap.add_argument("--skip-matmul", action="store_true")
     ap.add_argument("--runs", nargs="*", default=[])
     ap.add_argument("--split", default="test")
+    ap.add_argument("--out", default=None, help="file name under benchmarks/results (default: by what ran)")
     args = ap.parse_args()
     flags = next((ln.split(":", 1)[1].split() for ln in open("/proc/cpuinfo") if ln.startswith("flags")), [])
     out = {"jax": jax.__version__, "machine": platform.machine(), "cpu_count": __import__("os").cpu_count(),
@@ -106,8 +107,8 @@ def main() -> None:
            "matmul_m1": [] if args.skip_matmul else matmuls(),
            "decode_batch1": [] if args.skip_decode else decode(args.tokens),
            "runs": [r for d in args.runs for r in run_metrics(d, args.split)]}
-    path = Path(__file__).parent / "results" / (f"quant_runs_{args.split}.json" if args.skip_matmul and args.skip_decode
-                                                else "quant_bench.json")
+    path = Path(__file__).parent / "results" / (args.out or (f"quant_runs_{args.split}.json" if args.skip_matmul
+                                                             and args.skip_decode else "quant_bench.json"))
     path.write_text(json.dumps(out, indent=1))
     print("wrote", path)
 

@@ -5,6 +5,7 @@ One workload::
 
     bigmodel bench --preset bert-base --batch 8 --seq-len 128 --out benchmarks/results/local
     bigmodel bench --preset gpt2 --kinds decode --sides jax torch --decode-new-tokens 64
+    bigmodel bench --preset bert-base --sides jax --kinds forward --onnx   # + onnxruntime
 
 A named plan (several runs plus the issue's targets in ``targets-<plan>.md``)::
 
@@ -85,6 +86,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--optimisations", action="store_true",
                    help="measure every PerfOptions switch on / off on the JAX training step")
     g.add_argument("--bf16-parity", action="store_true", help="report bf16 mixed precision's distance to fp32")
+    g.add_argument("--onnx", action="store_true",
+                   help="also export the model with `bigmodel export --format onnx` and time onnxruntime (CPU) "
+                        "beside the JAX forward on the same batch (needs the hf and deploy extras; float32)")
     g.add_argument("--depths", type=int, nargs="*", default=[], metavar="L",
                    help="compile time of the training step at these depths, scan vs unrolled")
     g.add_argument("--no-flop-check", action="store_true", help="skip analytic FLOPs vs XLA cost_analysis")
@@ -118,7 +122,7 @@ def _suite_options(args: argparse.Namespace, command: str) -> Any:
         w, sides=tuple(args.sides), kinds=tuple(args.kinds), min_time=args.min_time, max_reps=args.max_reps,
         decode_prompt_len=args.decode_prompt_len, decode_new_tokens=args.decode_new_tokens,
         decode_batch=args.decode_batch, sweep_batches=tuple(args.sweep), optimisations=variants,
-        bf16_parity=args.bf16_parity, depths=tuple(args.depths), flop_check=not args.no_flop_check,
+        bf16_parity=args.bf16_parity, depths=tuple(args.depths), flop_check=not args.no_flop_check, onnx=args.onnx,
         matmul_n=args.matmul_n, bandwidth_bytes=args.bandwidth_mib * 2**20,
         torch_compile_timeout=args.torch_compile_timeout, perf=perf, command=command)
 
@@ -155,6 +159,9 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
 
     command = "bigmodel bench " + shell_command(argv) if argv is not None else canonical_command(args)
     out = Path(args.out)
+    if args.onnx and (args.plan or args.mesh):
+        raise ValueError("--onnx adds onnxruntime to one workload's run; it cannot be combined with "
+                         + ("--plan" if args.plan else "--mesh"))
     if args.mesh or args.mesh_steps is not None:
         return _run_mesh(args, command, out)
     if args.plan:

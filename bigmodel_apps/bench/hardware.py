@@ -243,7 +243,8 @@ def cpu_flags() -> list[str]:
 def versions() -> dict[str, str]:
     """Versions of everything that decides the numbers (missing packages are left out)."""
     out = {"python": platform.python_version()}
-    for pkg in ("jax", "jaxlib", "jax-cuda12-plugin", "flax", "optax", "numpy", "torch", "transformers"):
+    for pkg in ("jax", "jaxlib", "jax-cuda12-plugin", "flax", "optax", "numpy", "torch", "transformers",
+                "onnxruntime"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:

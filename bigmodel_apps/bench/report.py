@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from bigmodel_apps.bench.onnx_latency import markdown_lines as onnx_markdown_lines
 from bigmodel_port.atomic import atomic_write_bytes, atomic_write_text
 
 
@@ -158,6 +159,8 @@ def markdown(result: dict[str, Any], plot_name: str | None = None) -> str:
                 f"{si(r['bytes_per_step']['total'], 'B')} | {r.get('identical_to_torch')} |")
         lines += ["", f"Bound = batch x bandwidth ({si(dec.get('bandwidth'), 'B/s')}, best measured above) / "
                   "bytes every step must read (all weights + the KV cache so far)."]
+    if result.get("onnx"):
+        lines += onnx_markdown_lines(result["onnx"], u)
     opt = result.get("optimisations")
     if opt:
         lines += ["", "## Optimisations (JAX training step; all rows timed interleaved, in one group)", "",

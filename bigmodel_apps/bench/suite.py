@@ -17,6 +17,9 @@ Sections of the result:
 * ``optimisations``  JAX training step per ``PerfOptions`` variant, with bf16's parity to fp32
 * ``depth``     compile time of the training step at two depths, scanned and unrolled
 * ``flop_check`` the analytic count against XLA's ``cost_analysis`` of an unrolled step
+* ``onnx``      (``--onnx``) onnxruntime on the ``bigmodel export --format onnx`` graph beside the
+                JAX forward, timed interleaved: both latencies, their ratio, the logits'
+                max abs difference, the opset (``bench.onnx_latency``)
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import numpy as np
 
 from bigmodel_apps.bench import flops as F
 from bigmodel_apps.bench import hardware as hw
+from bigmodel_apps.bench import onnx_latency
 from bigmodel_apps.bench.jax_side import JaxSide, cost_of, forward_fn, loss_fn, make_optimizer
 from bigmodel_apps.bench.numpy_side import NumpySide
 from bigmodel_apps.bench.timing import Prepared, time_interleaved
@@ -87,6 +91,9 @@ class SuiteOptions:
     # JAX decoding layout ("jax" row; generate's default scan layout is measured too, "jax scan")
     decode_layout: PerfOptions = PerfOptions(scan_layers=False, fused_qkv=True)
     workdir: str | None = None  # where the shared HF directory is written (default: a temp dir)
+    # onnxruntime (CPU) on the ONNX export of the same weights, beside the JAX forward (opt-in: the
+    # export needs torch and the deploy extra, and costs seconds to minutes for large models)
+    onnx: bool = False
     command: str = ""
 
     def __post_init__(self) -> None:
@@ -96,6 +103,9 @@ class SuiteOptions:
         bad = set(self.kinds) - set(KINDS)
         if bad:
             raise ValueError(f"unknown kinds {sorted(bad)}; known: {KINDS}")
+        if self.onnx and "forward" not in self.kinds:
+            raise ValueError(f"onnx compares onnxruntime with the JAX forward: kinds must include 'forward', "
+                             f"got {list(self.kinds)}")
 
 
 def _log(msg: str) -> None:
@@ -187,6 +197,8 @@ def run_suite(opts: SuiteOptions) -> dict[str, Any]:
         result["sides"] = {k: (v.get("error") if isinstance(v, dict) else "ok") for k, v in sides.items()}
         result["agreement"] = _agreement(sides, batch)
         result["runs"] = _runs(opts, sides, batch, count, units, peaks, hf_dir, workdir)
+        if opts.onnx:
+            result["onnx"] = _onnx(opts, config, sides, batch, units, hf_dir, workdir)
         if "decode" in opts.kinds and isinstance(config, GPTConfig):
             result["decode"] = _decode(opts, config, sides, peaks)
         if opts.sweep_batches:
@@ -227,7 +239,7 @@ def _headline_perf(opts: SuiteOptions) -> PerfOptions:
 def _build_sides(opts: SuiteOptions, config: Any, params: dict[str, Any], hf_dir: Path) -> dict[str, Any]:
     w = opts.workload
     sides: dict[str, Any] = {}
-    if "jax" in opts.sides or "decode" in opts.kinds:
+    if "jax" in opts.sides or "decode" in opts.kinds or opts.onnx:
         sides["jax"] = JaxSide(config, params, _headline_perf(opts))
     if "torch" in opts.sides:
         def make_torch() -> Any:
@@ -320,6 +332,34 @@ def _runs(opts: SuiteOptions, sides: dict[str, Any], batch: dict[str, np.ndarray
         b = base.get(r["kind"])
         r["vs_torch"] = r["units_per_s"] / b if b and r.get("units_per_s") else None
     return runs
+
+
+def _onnx(opts: SuiteOptions, config: Any, sides: dict[str, Any], batch: dict[str, np.ndarray], units: int,
+          hf_dir: Path, workdir: Path) -> dict[str, Any]:
+    """onnxruntime on the ONNX export of the shared HF directory, beside the JAX forward on the
+    same batch, both prepared and then timed interleaved (``measure_together``). Any failure
+    (torch / onnxruntime missing, a model the exporter refuses, a side that fails) is the
+    record's ``error``, as for every other side."""
+    w = opts.workload
+    if w.dtype != "float32":
+        return {"error": f"onnxruntime runs the fp32 graph of the hf export; it is compared with the JAX "
+                         f"forward in float32 only (this run: --dtype {w.dtype})"}
+    jax_side = sides.get("jax")
+    if jax_side is None or isinstance(jax_side, dict):
+        return {"error": f"the JAX side did not build: {(jax_side or {}).get('error')}"}
+    exported = _guard("onnx export (bigmodel export --format onnx)", lambda: onnx_latency.export_onnx(
+        hf_dir, hf_architecture(config), workdir / "onnx"))
+    if "error" in exported:
+        return exported
+    got = measure_together(f"forward B={w.batch}: JAX vs onnxruntime", {
+        "jax": lambda: jax_side.prepare_forward(batch),
+        "onnxruntime": lambda: onnx_latency.prepare_onnxruntime(exported["path"], inputs_only(batch))}, opts)
+    ort_logits = got["onnxruntime"].pop("logits", None)
+    failed = [f"{n}: {r['error']}" for n, r in got.items() if "error" in r]
+    if failed:
+        return {"error": "; ".join(failed), "opset": exported["opset"], "runs": list(got.values())}
+    return _guard("onnx record", lambda: onnx_latency.summarise(got["jax"], got["onnxruntime"],
+                                                                jax_side.logits(batch), ort_logits, exported, units))
 
 
 def _decode(opts: SuiteOptions, config: GPTConfig, sides: dict[str, Any], peaks: dict[str, Any]) -> dict[str, Any]:

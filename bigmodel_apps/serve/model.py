@@ -18,6 +18,7 @@ sandbox with the globals and filters transformers gives it (``raise_exception``,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -91,10 +92,10 @@ def _read_chat_template(tokenizer_dir: Path) -> tuple[str | None, dict[str, str]
     return template, special
 
 
-def render_chat(template: str | None, messages: list[dict[str, Any]], special_tokens: dict[str, str]) -> str:
-    """The prompt text of ``messages`` under ``template`` (None: ``DEFAULT_CHAT_TEMPLATE``),
-    ending with the assistant's header (``add_generation_prompt=True``). A template that calls
-    ``raise_exception`` (e.g. roles out of order) raises ValueError with its message."""
+@functools.lru_cache(maxsize=8)
+def _chat_template(template: str) -> Any:
+    """``template`` compiled once in the sandbox transformers renders chat templates in (a
+    server renders the same template for every chat request)."""
     from jinja2 import TemplateError
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -110,8 +111,17 @@ def render_chat(template: str | None, messages: list[dict[str, Any]], special_to
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(template)
+
+
+def render_chat(template: str | None, messages: list[dict[str, Any]], special_tokens: dict[str, str]) -> str:
+    """The prompt text of ``messages`` under ``template`` (None: ``DEFAULT_CHAT_TEMPLATE``),
+    ending with the assistant's header (``add_generation_prompt=True``). A template that calls
+    ``raise_exception`` (e.g. roles out of order) raises ValueError with its message."""
+    from jinja2 import TemplateError
+
     try:
-        return env.from_string(DEFAULT_CHAT_TEMPLATE if template is None else template).render(
+        return _chat_template(DEFAULT_CHAT_TEMPLATE if template is None else template).render(
             messages=messages, add_generation_prompt=True, **special_tokens)
     except TemplateError as err:
         raise ValueError(f"the chat template refused the messages: {err}") from None
