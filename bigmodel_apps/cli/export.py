@@ -37,6 +37,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
             examples:
               bigmodel export runs/gpt-stdlib gpt-hf --format hf
               bigmodel export runs/gpt-stdlib gpt-hlo --format stablehlo
+              bigmodel export runs/gpt-stdlib gpt-hlo-int8 --format stablehlo --quantize int8
               bigmodel export ./bert-base-uncased bert-onnx --format onnx"""),
     )
     p.add_argument("src", metavar="SRC", help="run directory, HF directory or native checkpoint")
@@ -45,6 +46,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--architecture", help="HF class to export as (default: the source's, or the usual one)")
     p.add_argument("--checkpoint", metavar="PATH", help="a checkpoint of the run (default: the latest)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
+    p.add_argument("--quantize", choices=["int8", "int4"],
+                   help="stablehlo only: close over weight-only quantised weights (int8 per output channel; int4 "
+                        "groups of 128, LM head int8; norms and biases float); the manifest records it. hf / onnx "
+                        "refuse it: transformers cannot read this format")
     p.set_defaults(func=_cmd_export)
 
 
@@ -52,8 +57,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     model = load_source(args.src, architecture=args.architecture, checkpoint=args.checkpoint)
     from bigmodel_port.export import export
 
-    summary = export(model, args.out, args.format, overwrite=args.overwrite)
-    print(f"{args.src} -> {args.out} ({args.format}): {model.architecture}, "
+    options = {} if args.quantize is None else {"quantize": {"int8": 8, "int4": 4}[args.quantize]}
+    summary = export(model, args.out, args.format, overwrite=args.overwrite, **options)
+    fmt = args.format + (f", {args.quantize}" if args.quantize else "")
+    print(f"{args.src} -> {args.out} ({fmt}): {model.architecture}, "
           f"{', '.join(summary['files'])}")
     return 0
 

@@ -31,6 +31,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
             examples:
               bigmodel serve runs/gpt-stdlib --port 8000
+              bigmodel serve runs/gpt-stdlib --quantize int8
               curl localhost:8000/v1/completions -H 'content-type: application/json' \\
                    -d '{"model": "gpt-stdlib", "prompt": "import os", "max_tokens": 20, "temperature": 0}'
               bigmodel serve path/to/all-MiniLM-L6-v2 --model-name minilm
@@ -50,6 +51,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="embeddings / classify / translate: inputs per forward at most (default 32)")
     p.add_argument("--model-name", help="the model id clients send (default: MODEL's directory name)")
     p.add_argument("--checkpoint", metavar="PATH", help="a checkpoint file of the run (default: the latest)")
+    p.add_argument("--quantize", choices=["int8", "int4"],
+                   help="causal LMs: quantise the weights at load (weight-only; int8 per output channel, int4 "
+                        "groups of 128 with the LM head kept int8; norms stay float) and decode on them")
     p.add_argument("--no-warmup", action="store_true",
                    help="skip compiling every prefill bucket and the decode step before serving")
     p.set_defaults(func=_cmd_serve)
@@ -65,9 +69,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as err:
         raise missing_extra(err.name or "fastapi", "bigmodel serve", err, extra="deploy") from err
     from bigmodel_apps.serve.engine import Engine
-    from bigmodel_apps.serve.model import load_model
+    from bigmodel_apps.serve.model import QUANTIZE_CHOICES, load_model
 
-    model = load_model(args.model, checkpoint=args.checkpoint, name=args.model_name, max_batch=args.max_batch)
+    model = load_model(args.model, checkpoint=args.checkpoint, name=args.model_name, max_batch=args.max_batch,
+                       quantize=QUANTIZE_CHOICES[args.quantize] if args.quantize else None)
     if model.kind != "lm":  # embeddings / classify / translate: batched forwards, no engine
         if not args.no_warmup:
             print(f"compiling the {model.kind} model's batch buckets ...", file=sys.stderr, flush=True)

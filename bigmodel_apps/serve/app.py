@@ -539,7 +539,9 @@ def create_app(model: ServedModel | EncoderServed, engine: Engine | None = None,
     async def models() -> dict:
         context = model.max_len if engine is None else engine.context
         return {"object": "list", "data": [{"id": model.name, "object": "model", "created": state.created,
-                                            "owned_by": "bigmodel", "max_model_len": context}]}
+                                            "owned_by": "bigmodel", "max_model_len": context,
+                                            **({"quantization": model.quantization}
+                                               if getattr(model, "quantization", None) else {})}]}
 
     @app.get("/health")
     async def health() -> dict:

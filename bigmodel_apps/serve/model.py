@@ -28,7 +28,11 @@ from typing import Any
 from bigmodel_apps.serve.encoders import (DEFAULT_MAX_BATCH, ClassifierModel, EmbeddingModel, TranslationModel,
                                           from_run, load_hf_encoder)
 
-__all__ = ["DEFAULT_CHAT_TEMPLATE", "DEFAULT_CHAT_STOP", "EncoderServed", "ServedModel", "load_model", "render_chat"]
+__all__ = ["DEFAULT_CHAT_TEMPLATE", "DEFAULT_CHAT_STOP", "QUANTIZE_CHOICES", "EncoderServed", "ServedModel",
+           "load_model", "quantize_served", "render_chat"]
+
+# ``bigmodel serve --quantize`` choices -> bits of ``bigmodel_jax.quant.quantize_tree``
+QUANTIZE_CHOICES = {"int8": 8, "int4": 4}
 
 # the models of the embeddings / classify / translate endpoints (``encoders``)
 EncoderServed = EmbeddingModel | ClassifierModel | TranslationModel
@@ -57,6 +61,9 @@ class ServedModel:
     eos_ids: tuple[int, ...]
     chat_template: str | None = None
     special_tokens: dict[str, str] = dataclasses.field(default_factory=dict)
+    # None: float weights; else what ``quantize_served`` did: {"bits", "exclude"} (+ int4's
+    # "group_size", "int8_keep")
+    quantization: dict[str, Any] | None = None
     kind = "lm"  # what the model serves; the encoders' models say "embedding", "classification", "translation"
     endpoint = "/v1/completions"
 
@@ -128,15 +135,24 @@ def render_chat(template: str | None, messages: list[dict[str, Any]], special_to
 
 
 def load_model(src: str | Path, *, checkpoint: str | None = None, name: str | None = None,
-               max_batch: int = DEFAULT_MAX_BATCH) -> ServedModel | EncoderServed:
+               max_batch: int = DEFAULT_MAX_BATCH, quantize: int | None = None) -> ServedModel | EncoderServed:
     """The model in ``src``: a run directory (config.json + checkpoints/) or an HF directory
     (config.json + weights). A causal LM (task ``lm``; GPT-2, Llama) is a ``ServedModel``; a
     classification or translation run, or an HF BERT directory, one of ``encoders``' models
-    (``max_batch``: their rows per forward). ValueError for anything else."""
+    (``max_batch``: their rows per forward). ``quantize`` (8 or 4 bits): the causal LM's weights
+    quantised at load (``quantize_served``). ValueError for anything else."""
     path = Path(src)
+    if path.is_file() and path.suffix in (".safetensors", ".npz"):
+        # a native checkpoint (quantised by ``save_quantized`` or not) carries no tokenizer, and
+        # a server needs one: serve the run / HF directory it came from, quantised at load
+        raise ValueError(f"{path} is a native weight file without a tokenizer; serve the run or HF directory "
+                         "it came from, with --quantize int8 / int4 to quantise it at load")
     if not path.is_dir():
         raise FileNotFoundError(2, "no such model directory", str(path))
     name = name or path.resolve().name
+    if quantize is not None:
+        model = load_model(path, checkpoint=checkpoint, name=name, max_batch=max_batch)
+        return quantize_served(model, quantize)
     if (path / "config.json").is_file() and (path / "checkpoints").is_dir():
         return _load_run(path, checkpoint, name, max_batch)
     if checkpoint is not None:
@@ -146,6 +162,28 @@ def load_model(src: str | Path, *, checkpoint: str | None = None, name: str | No
         return encoder if encoder is not None else _load_hf(path, name)
     raise ValueError(f"{path} is neither a run directory (config.json + checkpoints/) nor an HF model "
                      "directory (config.json + weights)")
+
+
+def quantize_served(model: ServedModel | EncoderServed, bits: int) -> ServedModel:
+    """``model`` (a causal LM) with its weights quantised to ``bits`` (8: int8 per output
+    channel; 4: int4 groups, the LM head / tied embedding kept int8) by
+    ``bigmodel_jax.quant.quantize_tree`` with its default exclusions (norms stay float); the
+    engine decodes on the quantised tree (its decoding layout takes ``QuantizedWeight``
+    leaves). ``model.quantization`` records what was done. ValueError for another kind of
+    model (the embeddings / classify / translate endpoints serve float weights only) or bits."""
+    from bigmodel_jax.quant import quantize_tree
+    from reference_numpy.quant import BITS, DEFAULT_EXCLUDE, DEFAULT_INT8_KEEP
+
+    if bits not in BITS:
+        raise ValueError(f"quantize must be one of {BITS} bits, got {bits!r}")
+    if not isinstance(model, ServedModel):
+        raise ValueError(f"--quantize serves causal LMs only; this is a {model.kind} model ({model.endpoint}), "
+                         "served with float weights: drop --quantize")
+    record: dict[str, Any] = {"bits": bits, "exclude": list(DEFAULT_EXCLUDE)}
+    if bits == 4:
+        record.update(group_size="128 where it divides the contraction, else its largest divisor <= 128",
+                      int8_keep=list(DEFAULT_INT8_KEEP))
+    return dataclasses.replace(model, params=quantize_tree(model.params, bits), quantization=record)
 
 
 def _load_run(path: Path, checkpoint: str | None, name: str, max_batch: int) -> ServedModel | EncoderServed:

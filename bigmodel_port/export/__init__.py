@@ -42,6 +42,15 @@ __all__ = ["FORMATS", "ExportModel", "default_architecture", "export", "from_hf_
 
 FORMATS = ("hf", "stablehlo", "onnx")
 
+# Why only ``stablehlo`` takes ``quantize``: transformers loads quantised weights only through its
+# quantisation backends (bitsandbytes, GPTQ, AWQ, compressed-tensors, torchao), each with its own
+# on-disk format and package; our symmetric int8-per-channel / int4-groups-of-128 codes (packed
+# two per byte) are none of them, and the onnx route is torch.onnx over the hf export.
+QUANTIZE_REFUSED = ("--quantize applies to --format stablehlo only, not {fmt}: transformers cannot read our "
+                    "weight-only int8 / int4 group format (it loads quantised weights only through its own "
+                    "quantisation backends, each a format and a package of its own), and the onnx export is "
+                    "built from the hf one; export float weights, or use --format stablehlo --quantize")
+
 # Config fields that only shape training (the loss / dropout), never the logits of an
 # evaluation forward: an export may set them to what the HF config reads back.
 TRAINING_ONLY_FIELDS = ("dropout", "label_smoothing")
@@ -196,9 +205,14 @@ def export(model: ExportModel, out: str | os.PathLike[str], fmt: str, *, overwri
     (files, and what each format checked). The export is built in a temporary sibling directory
     and renamed into place at the end, so a failed export leaves ``out`` as it was.
 
-    Raises ``ValueError`` for an unknown format, a non-empty ``out`` without ``overwrite``, or a
-    model the format cannot express (naming the field)."""
+    ``options`` go to the format's writer; ``quantize=8 | 4`` (weight-only int8 / int4) is taken by
+    ``stablehlo`` alone (``QUANTIZE_REFUSED`` says why).
+
+    Raises ``ValueError`` for an unknown format, a non-empty ``out`` without ``overwrite``, a
+    ``quantize`` for hf / onnx, or a model the format cannot express (naming the field)."""
     check_format(fmt)
+    if options.get("quantize") is not None and fmt != "stablehlo":
+        raise ValueError(QUANTIZE_REFUSED.format(fmt=fmt))
     out = Path(out)
     _check_out(out, overwrite)
     if not dataclasses.is_dataclass(model.config):

@@ -31,6 +31,13 @@ vit         forward             pixel_values (b, C, H, W) -> logits (b, classes)
                                 last_hidden_state, pooler_output)
 ==========  ==================  ===================================================================
 
+``quantize`` (8 or 4 bits, ``bigmodel export --quantize int8 / int4``): the closed-over weights
+are ``bigmodel_jax.quant.quantize_tree``'s (norms and biases float; with int4 the LM head and a
+tied embedding int8), so the artifact holds int8 / packed int4 codes and their scales and each
+function dequantises at use, exactly as our forward does on the quantised tree. The manifest's
+``quantization`` entry says the bits, the exclusions and every quantised leaf's bits / group
+size (None for a float export).
+
 Integer inputs are int32; masks are int32 (1 = real token). Read back with
 ``jax.export.deserialize(open(f, "rb").read()).call(*inputs)``: only jax and numpy are needed.
 """
@@ -49,11 +56,12 @@ from jax import export as jax_export
 
 from bigmodel_jax.generation.step import decode_step
 from bigmodel_jax.models import bert, gpt, seq2seq, vit
+from bigmodel_jax.quant import is_quantized, quantize_tree
 from bigmodel_jax.tree import to_jax
 from bigmodel_port.atomic import atomic_write_text
 from bigmodel_port.export import ExportModel
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "exported_functions", "write_stablehlo"]
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "exported_functions", "quantize_params", "write_stablehlo"]
 
 FORMAT_NAME = "bigmodel-stablehlo"
 FORMAT_VERSION = 1
@@ -96,9 +104,49 @@ def _mask(m: jax.Array) -> jax.Array:
     return m != 0
 
 
+def _jax_params(tree: Any) -> Any:
+    """``to_jax`` for a float tree; a tree with ``QuantizedWeight`` leaves (already JAX, from
+    ``quantize_tree``) as it is."""
+    if any(is_quantized(x) for x in jax.tree.leaves(tree, is_leaf=is_quantized)):
+        return tree
+    return to_jax(tree)
+
+
+def _leaves_with_path(tree: Any, path: str = "") -> Any:
+    """("a/b/c", leaf) pairs of a nested-dict tree, a ``QuantizedWeight`` counted as one leaf."""
+    if isinstance(tree, dict):
+        for k in sorted(tree):
+            yield from _leaves_with_path(tree[k], f"{path}/{k}" if path else k)
+    else:
+        yield path, tree
+
+
+def quantize_params(model: ExportModel, bits: int) -> tuple[ExportModel, dict[str, Any]]:
+    """``model`` with its weights quantised to ``bits`` (``quantize_tree``'s defaults), and the
+    manifest's ``quantization`` record: bits, the exclusion patterns, the int4 LM-head rule,
+    every quantised leaf's bits / group size / contraction axes and the leaves kept in float."""
+    from reference_numpy.quant import BITS, DEFAULT_EXCLUDE, DEFAULT_INT8_KEEP
+
+    if bits not in BITS:
+        raise ValueError(f"quantize must be one of {BITS} bits, got {bits!r}")
+    tree = quantize_tree(to_jax(model.params), bits)
+    leaves, kept = {}, []
+    for path, leaf in _leaves_with_path(tree):
+        if is_quantized(leaf):
+            leaves[path] = {"bits": leaf.bits, "group_size": leaf.group_size, "axes": list(leaf.axes)}
+        else:
+            kept.append(path)
+    record = {"bits": bits, "exclude": list(DEFAULT_EXCLUDE),
+              "int8_keep": list(DEFAULT_INT8_KEEP) if bits == 4 else [],
+              "scheme": "weight-only symmetric: int8 one scale per output channel; int4 one scale per group of "
+                        "group_size inputs, codes in [-7, 7] packed two per byte (reference_numpy.qweight)",
+              "leaves": leaves, "float_leaves": kept}
+    return dataclasses.replace(model, params=tree), record
+
+
 def exported_functions(model: ExportModel) -> list[Function]:
     """The functions the artifact holds for ``model`` (module docstring), params closed over."""
-    c, p, task = model.config, to_jax(model.params), model.task
+    c, p, task = model.config, _jax_params(model.params), model.task
     i32, f32 = jnp.int32, jnp.float32
     if model.family == "gpt":
         L, K, E, T = c.n_layers, c.kv_heads, c.e, c.max_len
@@ -185,8 +233,12 @@ def _shape_text(shape: tuple[Any, ...]) -> list[Any]:
     return [d if isinstance(d, int) else str(d) for d in shape]
 
 
-def write_stablehlo(model: ExportModel, out: Path) -> dict[str, Any]:
-    """Export every function of ``model`` to ``out`` and write ``manifest.json``."""
+def write_stablehlo(model: ExportModel, out: Path, *, quantize: int | None = None) -> dict[str, Any]:
+    """Export every function of ``model`` to ``out`` and write ``manifest.json``; ``quantize``
+    (8 or 4 bits): close over the quantised weights instead (module docstring)."""
+    quantization = None
+    if quantize is not None:
+        model, quantization = quantize_params(model, quantize)
     functions = {}
     for f in exported_functions(model):
         specs = _specs(f.inputs, f.constraints)
@@ -209,7 +261,9 @@ def write_stablehlo(model: ExportModel, out: Path) -> dict[str, Any]:
         "family": model.family, "architecture": model.architecture, "task": model.task,
         "config": dataclasses.asdict(c), "vocab_size": getattr(c, "vocab_size", None),
         "special_ids": dict(model.special_ids), "labels": model.labels, "dims": DIMS, "functions": functions,
+        "quantization": quantization,
         "how_to_run": "jax.export.deserialize(open(file, 'rb').read()).call(*inputs), inputs in the listed order",
     }
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    return {"format": "stablehlo", "functions": sorted(functions)}
+    return {"format": "stablehlo", "functions": sorted(functions),
+            **({"quantization": f"int{quantize}"} if quantize is not None else {})}
