@@ -26,6 +26,9 @@ from reference_numpy.models import gpt as rgpt
 
 RTOL = 1e-12  # float64, same math in another summation order
 S = 16  # cache slots per row
+# the model's one forward, compiled whole once per shape (op-by-op dispatch compiled every op of
+# every drawn shape, and took minutes)
+forward = jax.jit(jgpt.forward, static_argnames=("config",))
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -54,7 +57,7 @@ def _stack(rows: list[dict], unrolled: bool) -> dict:
     return {n: jnp.concatenate([r[n] for r in rows], 1) for n in ("k", "v")}
 
 
-@pytest.mark.slow  # ~1 min: every drawn shape compiles its own ops
+@pytest.mark.slow  # every drawn shape compiles the forward anew
 @settings(max_examples=5, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(rope=st.booleans(), kv_heads=st.sampled_from([None, 2, 1]), unrolled=st.booleans(),
        prompt_lens=st.lists(st.integers(1, 7), min_size=2, max_size=4), step=st.sampled_from([1, 2]))
@@ -72,24 +75,24 @@ def test_per_row_positions_equal_full_forward_and_separate_runs(rope, kv_heads, 
     # each row prefilled on its own (scalar position 0), then stacked: rows at different slots
     rows = []
     for seq, p in zip(seqs, prompt_lens):
-        _, c = jgpt.forward(run, {"input_ids": jnp.asarray(seq[None, :p])}, config, cache=init(config, 1, S, jnp.float64),
-                            cache_pos=0)
+        _, c = forward(run, {"input_ids": jnp.asarray(seq[None, :p])}, config, cache=init(config, 1, S, jnp.float64),
+                       cache_pos=jnp.asarray(0))
         rows.append(c)
     cache = _stack(rows, unrolled)
     alone = list(rows)  # the same rows decoded one at a time, with scalar positions
     pos = np.asarray(prompt_lens)
     for i in range(steps):
         ids = np.stack([seq[p:p + step] for seq, p in zip(seqs, pos)])  # (B, step)
-        logits, cache = jgpt.forward(run, {"input_ids": jnp.asarray(ids)}, config, cache=cache,
-                                     cache_pos=jnp.asarray(pos))
+        logits, cache = forward(run, {"input_ids": jnp.asarray(ids)}, config, cache=cache,
+                                cache_pos=jnp.asarray(pos))
         for b in range(B):
-            full = jgpt.forward(params, {"input_ids": jnp.asarray(seqs[b][None, :pos[b] + step])}, config)
+            full = forward(params, {"input_ids": jnp.asarray(seqs[b][None, :pos[b] + step])}, config)
             want = np.asarray(full[0, pos[b]:pos[b] + step])
             got = np.asarray(logits[b])
             tol = RTOL * np.abs(want).max()
             np.testing.assert_allclose(got, want, rtol=0, atol=tol, err_msg=f"row {b} step {i} vs full forward")
-            one, alone[b] = jgpt.forward(run, {"input_ids": jnp.asarray(ids[b:b + 1])}, config, cache=alone[b],
-                                         cache_pos=int(pos[b]))
+            one, alone[b] = forward(run, {"input_ids": jnp.asarray(ids[b:b + 1])}, config, cache=alone[b],
+                                    cache_pos=jnp.asarray(int(pos[b])))
             np.testing.assert_allclose(got, np.asarray(one[0]), rtol=0, atol=tol, err_msg=f"row {b} vs alone")
             # the row's own cache equals the row decoded alone (same slots written, nothing else)
             for n in ("k", "v"):
