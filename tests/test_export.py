@@ -258,6 +258,42 @@ def test_stablehlo_runs_in_a_fresh_jax_process_at_several_shapes(tmp_path: Path)
     print("stablehlo max abs:", worst)
 
 
+@pytest.mark.slow
+def test_stablehlo_seq2seq_generation_functions_chain_in_a_fresh_process(tmp_path: Path) -> None:
+    """A seq2seq artifact's encode -> cross_cache -> decode_step chain, run where only jax is
+    imported: each function equals ours on the same inputs, and a decoder prefill of 3 tokens
+    into zeroed self caches gives the full forward's logits (the same 3 decoder tokens), with
+    padded source rows (the attention mask reaches the cross-attention)."""
+    model = make_model("seq2seq-tiny", "MarianMTModel", {}, seed=3)
+    out = tmp_path / "marian"
+    export(model, out, "stablehlo")
+    c, p = model.config, to_jax(model.params)
+    x = inputs_for(model, 2, 5, seed=7)
+    x["attention_mask"][1, 3:] = 0  # the second source is 3 tokens long
+    ids, mask = x["input_ids"].astype(np.int32), x["attention_mask"].astype(np.int32)
+    enc = seq2seq.encode(p, {"input_ids": jax.numpy.asarray(ids), "attention_mask": jax.numpy.asarray(mask)}, c)
+    cross = seq2seq.init_cache(p, enc, c, 1)
+    dec = x["decoder_input_ids"][:, :3].astype(np.int32)
+    L, K, E = c.decoder_layers, c.n_kv_heads or c.n_heads, c.d_model // c.n_heads
+    zeros = np.zeros((L, 2, 8, K, E), np.float32)  # 8 self-attention slots
+    feed = {"encode#s|input_ids": ids, "encode#s|attention_mask": mask,
+            "cross_cache#s|encoder_hidden_states": np.asarray(enc)}
+    for n, v in (("decoder_input_ids", dec), ("cache_pos", np.int32(0)), ("attention_mask", mask),
+                 ("cache_k", zeros), ("cache_v", zeros), ("cross_k", np.asarray(cross["ck"])),
+                 ("cross_v", np.asarray(cross["cv"]))):
+        feed[f"decode_step#pre|{n}"] = v
+    got = run_fresh(out, feed)
+    full = ours(model, {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec})[0]
+    pairs = [("encode#s|encoder_hidden_states", np.asarray(enc)), ("cross_cache#s|cross_k", np.asarray(cross["ck"])),
+             ("cross_cache#s|cross_v", np.asarray(cross["cv"])), ("decode_step#pre|logits", full)]
+    for key, want in pairs:
+        err = float(np.max(np.abs(got[key] - want)))
+        assert err <= HLO_TOL, (key, err)
+    # the self caches came back written at slots [0, 3) only
+    assert np.any(got["decode_step#pre|cache_k"][:, :, :3] != 0)
+    assert not np.any(got["decode_step#pre|cache_k"][:, :, 3:])
+
+
 # --------------------------------------------------------------------------------------------
 # onnx: onnxruntime, dynamic axes, within 1e-5
 
