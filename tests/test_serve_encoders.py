@@ -13,7 +13,10 @@ model per module, and stop by themselves.
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import json
+import threading
+import time
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -252,6 +255,42 @@ def _make_run(run: Path, preset: str | None, overrides: list[str], scale: float)
     task.save_artifacts()
     params = jax.tree.map(lambda w: np.asarray(w) * scale, task.init_params())
     save_checkpoint(run, {"params": params, "step": 0}, 0)
+
+
+def test_a_full_encoder_queue_answers_429_with_retry_after(hf_classifier):
+    """max_queue=1: while one classify request holds the forward (blocked here) and one waits,
+    a third answers 429 with Retry-After; once the forward is released both finish with 200 and
+    the queue is empty again."""
+    model = load_model(hf_classifier, name="cls", max_batch=4)
+    release, entered = threading.Event(), threading.Event()
+    real = model.classify
+
+    def held(ids):
+        entered.set()
+        assert release.wait(TIMEOUT)
+        return real(ids)
+
+    model.classify = held
+    srv = Server(create_app(model, max_queue=1))
+    try:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            first = pool.submit(srv.post, "/v1/classify", {"input": SENTENCES[0]})
+            assert entered.wait(TIMEOUT)
+            second = pool.submit(srv.post, "/v1/classify", {"input": SENTENCES[1]})
+            deadline = time.monotonic() + TIMEOUT
+            while "bigmodel_queue_depth 1.0" not in httpx.get(srv.url + "/metrics", timeout=TIMEOUT).text:
+                assert time.monotonic() < deadline, "the second request never queued"
+                time.sleep(0.02)
+            busy = srv.post("/v1/classify", {"input": SENTENCES[2]})
+            assert busy.status_code == 429, busy.text
+            assert busy.headers["retry-after"] == "1" and busy.json()["error"]["code"] == "queue_full"
+            release.set()
+            assert first.result(TIMEOUT).status_code == 200 and second.result(TIMEOUT).status_code == 200
+        assert "bigmodel_queue_depth 0.0" in httpx.get(srv.url + "/metrics", timeout=TIMEOUT).text
+        assert srv.post("/v1/classify", {"input": SENTENCES[2]}).status_code == 200
+    finally:
+        release.set()
+        srv.stop()
 
 
 def test_classify_a_run_matches_the_numpy_reference(tmp_path):

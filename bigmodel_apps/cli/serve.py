@@ -77,7 +77,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         if not args.no_warmup:
             print(f"compiling the {model.kind} model's batch buckets ...", file=sys.stderr, flush=True)
             model.warmup()
-        uvicorn.run(create_app(model), host=args.host, port=args.port, log_level="info",
+        uvicorn.run(create_app(model, max_queue=args.max_queue), host=args.host, port=args.port, log_level="info",
                     timeout_graceful_shutdown=None)
         return 0
     engine = Engine(model.params, model.config, slots=args.slots, context=args.context, max_queue=args.max_queue,

@@ -317,6 +317,10 @@ class _State:
     def __init__(self, model: ServedModel | EncoderServed, engine: Engine | None) -> None:
         self.model, self.engine = model, engine
         self.metrics = _Metrics(engine)
+        self.pending = 0  # an encoder model's requests at or waiting for the forward
+        if engine is None:
+            Gauge("bigmodel_queue_depth", "requests waiting for the forward", registry=self.metrics.registry
+                  ).set_function(lambda: max(self.pending - 1, 0))
         self.created = int(time.time())
 
 
@@ -325,10 +329,14 @@ def _sse(obj: Any) -> str:
 
 
 def create_app(model: ServedModel | EncoderServed, engine: Engine | None = None, *,
-               manage_engine: bool = True) -> FastAPI:
+               manage_engine: bool = True, max_queue: int = 64) -> FastAPI:
     """The FastAPI app serving ``model``: a causal LM through ``engine``, or one of the
     encoders' models, which take no engine (None). ``manage_engine``: start the engine on
-    startup and drain it on shutdown (uvicorn's lifespan)."""
+    startup and drain it on shutdown (uvicorn's lifespan). ``max_queue``: an encoder model's
+    requests that may wait for the running forward before the server answers 429 (a causal
+    LM's limit is its engine's)."""
+    if not isinstance(max_queue, int) or max_queue < 0:
+        raise ValueError(f"max_queue must be an int >= 0, got {max_queue!r}")
     if (engine is None) != (model.kind != "lm"):
         raise ValueError(f"a {model.kind} model is served {'with' if model.kind == 'lm' else 'without'} an engine")
     manage_engine = manage_engine and engine is not None
@@ -437,6 +445,21 @@ def create_app(model: ServedModel | EncoderServed, engine: Engine | None = None,
             state.metrics.latency.labels(timed).observe(time.monotonic() - start)
         return out
 
+    @contextlib.asynccontextmanager
+    async def queued() -> AsyncIterator[None]:
+        """An encoder request's turn at the forward: 429 with ``Retry-After`` when ``max_queue``
+        requests already wait behind the running one (the event loop is one thread, so the
+        count needs no lock)."""
+        if state.pending > max_queue:
+            raise APIError(429, f"the server is busy: {state.pending - 1} requests are waiting (max_queue="
+                           f"{max_queue}); retry after {RETRY_AFTER_S} s", type="rate_limit_error",
+                           code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
+        state.pending += 1
+        try:
+            yield
+        finally:
+            state.pending -= 1
+
     def accepted(endpoint: str, ids: list[list[int]]) -> int:
         n = sum(map(len, ids))
         state.metrics.requests.labels(endpoint).inc()
@@ -452,7 +475,8 @@ def create_app(model: ServedModel | EncoderServed, engine: Engine | None = None,
             raise APIError(400, f"dimensions must be {D}, this model's width (no reduced sizes)", param="dimensions")
         ids = await in_worker(partial(model.ids_of, allow_ids=True), body.input)
         n = accepted("embeddings", ids)
-        vectors = await in_worker(model.embed, ids, timed="embeddings")  # (N, D) float32
+        async with queued():
+            vectors = await in_worker(model.embed, ids, timed="embeddings")  # (N, D) float32
         if body.encoding_format == "base64":  # OpenAI's: little-endian float32 bytes
             data = [base64.b64encode(v.astype("<f4").tobytes()).decode("ascii") for v in vectors]
         else:
@@ -466,7 +490,8 @@ def create_app(model: ServedModel | EncoderServed, engine: Engine | None = None,
         body: ClassifyBody = await body_of(http, ClassifyBody)
         ids = await in_worker(model.ids_of, body.input)
         n = accepted("classify", ids)
-        probs = await in_worker(model.classify, ids, timed="classify")  # (N, C)
+        async with queued():
+            probs = await in_worker(model.classify, ids, timed="classify")  # (N, C)
         data = [{"index": i, "label": model.labels[k], "label_index": k, "probs": p.tolist(),
                  "num_classes": len(model.labels)} for i, (k, p) in enumerate(zip(probs.argmax(-1).tolist(), probs))]
         return {"object": "list", "model": model.name, "labels": list(model.labels), "data": data,
@@ -480,7 +505,8 @@ def create_app(model: ServedModel | EncoderServed, engine: Engine | None = None,
         max_tokens = await in_worker(model.check_max_tokens, body.max_tokens)
         n = accepted("translate", ids)
         texts = [body.input] if isinstance(body.input, str) else body.input
-        out, generated = await in_worker(model.translate, texts, max_tokens, timed="translate")
+        async with queued():
+            out, generated = await in_worker(model.translate, texts, max_tokens, timed="translate")
         state.metrics.generation_tokens.inc(generated)
         return {"object": "list", "model": model.name,
                 "data": [{"index": i, "translation": t} for i, t in enumerate(out)],
