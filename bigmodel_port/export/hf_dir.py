@@ -14,11 +14,13 @@ The weights and ``config.json`` are written by ``bigmodel_port.hf.checkpoint.sav
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from bigmodel_port.atomic import atomic_write_text
 from bigmodel_port.export import ExportModel, expressible
+from bigmodel_port.hf import marian
 from bigmodel_port.hf.checkpoint import save_pretrained
 
 __all__ = ["hf_config_base", "write_hf_dir"]
@@ -53,7 +55,13 @@ def _generation_config(model: ExportModel, hf: dict[str, Any]) -> dict[str, Any]
 
 def write_hf_dir(model: ExportModel, out: Path, *, max_shard_size: int | str = "5GB") -> dict[str, Any]:
     """Write ``model`` to the (empty) directory ``out``; returns a summary dict. ``ValueError``
-    (before anything is written) for a config the architecture cannot carry."""
+    (before anything is written) for a config the architecture cannot carry.
+
+    An encoder-decoder with interleaved sinusoids or no final logits bias is first rewritten to
+    its exact Marian equivalent (``marian.as_marian``), so a default ``seq2seq-tiny`` run exports."""
+    if model.architecture in marian.ARCHITECTURES:
+        params, config = marian.as_marian(model.params, model.config)
+        model = replace(model, config=config, params=params)
     config = expressible(model)
     base = hf_config_base(model)
     if model.labels is not None and getattr(config, "num_labels", len(model.labels)) != len(model.labels):

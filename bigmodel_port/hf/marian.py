@@ -30,16 +30,24 @@ defaults it to EOS: the last of ``max_new_tokens`` tokens is forced to EOS) and,
 opus-mt checkpoints, ``bad_words_ids=[[pad]]`` (pad is never generated). Current MarianMTModel
 has no other rule (the old ``adjust_logits_during_generation`` is gone). ``generation_options``
 turns these fields into the keyword arguments of our ``seq2seq_generate``.
+
+Export: ``as_marian`` rewrites an encoder-decoder with the paper's interleaved sinusoids and no
+final logits bias (the ``seq2seq-tiny`` default) into the exact Marian equivalent (a permutation of
+the model width, a zero bias); ``bigmodel export --format hf|onnx`` calls it.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
+
+import numpy as np
 
 from bigmodel_port.hf.common import ACTIVATIONS_FROM_HF, ACTIVATIONS_TO_HF, activation_from_hf, build_config
 from bigmodel_port.hf.common import dtype_from_hf, merge_hf, require, unsupported
 from bigmodel_port.hf.mapping import Mapping, Rule, linear_rules, norm_rules
-from reference_numpy.configs import Seq2SeqConfig
+from reference_numpy.configs import Seq2SeqConfig, param_axes
+from reference_numpy.tree import Tree, tree_flatten, tree_unflatten
 
 MODEL_TYPE = "marian"
 FAMILY = "seq2seq"
@@ -137,6 +145,56 @@ def _check_expressible(config: Seq2SeqConfig) -> None:
         problems.append(f"activation={config.activation!r}")
     if problems:
         raise ValueError("this config cannot be saved as a MarianMTModel: " + "; ".join(problems))
+
+
+def concat_permutation(d_model: int) -> np.ndarray:
+    """(D,) channel order that turns the "interleaved" sinusoid table into the "concat" one:
+    ``interleaved[..., perm] == concat``. New channel j < ceil(D/2) is old channel 2j (the sine
+    of w_j), new channel ceil(D/2) + j is old 2j + 1 (its cosine); odd D included (both layouts
+    give the sine half the extra channel, ``sinusoidal_positions``)."""
+    return np.concatenate([np.arange(0, d_model, 2), np.arange(1, d_model, 2)])
+
+
+def as_marian(params: Tree, config: Seq2SeqConfig) -> tuple[Tree, Seq2SeqConfig]:
+    """An equivalent (params, config) pair that a MarianMTModel can carry, for an encoder-decoder
+    whose only differences from Marian have exact equivalents; the inputs are not modified.
+
+    * ``position_layout="interleaved"`` -> "concat": every residual-stream (``"embed"``, D) axis of
+      every leaf is permuted by ``concat_permutation`` (token embedding columns, LayerNorm scales
+      and biases, the D side of the q/k/v, attention-out, MLP and LM-head kernels, the biases
+      written to the residual). The network then computes the same function with the stream's
+      channels reordered, and the reordered sinusoid table is exactly the concat one. This holds
+      because nothing mixes stream channels except through those weights: LayerNorm's mean and
+      variance do not depend on channel order, and the attention head dims are untouched.
+    * ``final_logits_bias=False`` -> True with a zero (V,) bias.
+
+    Which axes are D is read from ``param_axes`` (the one logical-axis table), not restated.
+    Anything else Marian cannot compute (``prenorm=True``, grouped kv heads, another eps) raises
+    the ``ValueError`` that ``config_to_hf`` raises; a tree whose leaves are not ``config``'s
+    raises ``ValueError`` naming them."""
+    if not isinstance(config, Seq2SeqConfig):
+        raise ValueError(f"a MarianMTModel is an encoder-decoder: as_marian takes a Seq2SeqConfig, "
+                         f"not {type(config).__name__}")
+    target = replace(config, position_layout="concat", final_logits_bias=True)
+    _check_expressible(target)
+    axes = tree_flatten(param_axes(config))
+    flat = tree_flatten(params)
+    missing, extra = sorted(set(axes) - set(flat)), sorted(set(flat) - set(axes))
+    if missing or extra:
+        raise ValueError(f"params do not match the config's tree: missing {missing[:5]}, extra {extra[:5]}")
+    out = {}
+    perm = concat_permutation(config.d_model) if config.position_layout == "interleaved" else None
+    for path, leaf in flat.items():
+        leaf = np.asarray(leaf)
+        if leaf.ndim != len(axes[path]):
+            raise ValueError(f"params[{path!r}] has shape {leaf.shape}; its axes are {axes[path]}")
+        for dim, name in enumerate(axes[path]):
+            if perm is not None and name == "embed":
+                leaf = np.take(leaf, perm, axis=dim)
+        out[path] = leaf
+    if not config.final_logits_bias:  # Marian always adds one: zero keeps the logits
+        out["final_logits_bias"] = np.zeros((config.vocab_size,), np.asarray(flat["embed/embedding"]).dtype)
+    return tree_unflatten(out), target
 
 
 def config_to_hf(config: Seq2SeqConfig, architecture: str, base: dict[str, Any] | None = None) -> dict[str, Any]:
